@@ -1,0 +1,51 @@
+# omnipeft: the two set-up commands are `make demo` and `make test` (see README.md).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-omnipeft
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup demo test lint format bench clean \
+	demo-vision demo-diffusion demo-audio demo-medical demo-nlp
+
+setup: $(STAMP)
+
+# Re-install whenever the dependency list changes; pip takes the pinned torch/torchvision
+# wheels from the machine's local index and the rest from the package registry.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --upgrade --quiet pip setuptools wheel
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+demo: setup
+	$(PY) -m core.demo --backbone vit
+
+# One demo per domain: until each domain's pipeline lands, the core demo on that
+# domain's backbone family (a diffusers UNet, transformers AST, MONAI ViT, LLaMA).
+demo-vision: setup
+	$(PY) -m core.demo --backbone vit
+demo-diffusion: setup
+	$(PY) -m core.demo --backbone unet
+demo-audio: setup
+	$(PY) -m core.demo --backbone ast
+demo-medical: setup
+	$(PY) -m core.demo --backbone monai-vit
+demo-nlp: setup
+	$(PY) -m core.demo --backbone llama
+
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: setup
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+test: lint
+	$(PY) -m pytest
+
+bench: setup
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

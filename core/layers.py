@@ -1,0 +1,129 @@
+"""The wrapper that holds named adapters around one frozen base module.
+
+``AdaptedModule`` replaces a base module in its parent. It keeps the base module itself
+(same parameter objects, dtype and device; nothing is copied) under ``base_layer`` and
+its adapters, by name, under ``adapters``. Its forward is
+
+    x' = pre_n(...pre_1(x))            adapters that act on the input (e.g. OFT rotations)
+    y  = base_layer(x', ...)
+    y  = post_n(x, ...post_1(x, y))    adapters that act on the output (e.g. LoRA: y + s B A x)
+
+over the active, unmerged adapters in order. A merged adapter is already inside the base
+weight and is skipped.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import MergeError
+
+
+class Adapter(nn.Module):
+    """One named adapter on one base module. Methods subclass this."""
+
+    def pre(self, x: torch.Tensor) -> torch.Tensor:
+        """Transform the input before the base module (identity by default)."""
+        return x
+
+    def post(self, x: torch.Tensor, y: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        """Transform the base output ``y`` given the original input ``x`` (identity)."""
+        return y
+
+    def merge(self, base: nn.Module) -> None:
+        raise MergeError(f"{type(self).__name__} cannot be merged into the base weights.")
+
+    def unmerge(self, base: nn.Module) -> None:
+        raise MergeError(f"{type(self).__name__} cannot be unmerged.")
+
+    def on_attach(self, base: nn.Module) -> None:
+        """Called once when attached (PiSSA-style inits change the base weight here)."""
+
+    def on_detach(self, base: nn.Module) -> None:
+        """Undo whatever ``on_attach`` did to the base."""
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """A regulariser the training loop adds to the task loss, or None."""
+        return None
+
+    def set_trainable(self, on: bool) -> None:
+        """Mark what trains; methods with fixed parts keep those as buffers or override."""
+        self.requires_grad_(on)
+
+
+class AdaptedModule(nn.Module):
+    """A frozen base module plus its named adapters."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.adapters = nn.ModuleDict()
+        self.active: list[str] = []
+        self.merged: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        # Code that reads `module.weight`, `module.in_features`, ... keeps working.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("base_layer", "adapters"):
+                raise
+            return getattr(self._modules["base_layer"], name)
+
+    def running(self) -> list[Adapter]:
+        return [self.adapters[n] for n in self.active if n not in self.merged]
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        running = self.running()
+        if not running:
+            return self.base_layer(x, *args, **kwargs)
+        h = x
+        for adapter in running:
+            h = adapter.pre(h)
+        y = self.base_layer(h, *args, **kwargs)
+        for adapter in running:
+            y = adapter.post(x, y, self.base_layer)
+        return y
+
+    def extra_repr(self) -> str:
+        return f"active={self.active}, merged={self.merged}"
+
+
+# --- views of common base layers as a 2-D weight ------------------------------------------
+
+
+def transformers_conv1d_type() -> type | None:
+    """transformers' GPT-2 style ``Conv1D`` (a Linear with its weight stored (in, out))."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except Exception:  # transformers is optional for core
+        return None
+    return Conv1D
+
+
+def is_fan_in_fan_out(module: nn.Module) -> bool:
+    conv1d = transformers_conv1d_type()
+    return conv1d is not None and isinstance(module, conv1d)
+
+
+def conv_forward(conv: nn.Module, x: torch.Tensor, weight: torch.Tensor, **overrides: Any):
+    """Run ``conv``'s own geometry (stride, padding, ...) with another weight and no bias."""
+    fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[weight.dim() - 2]
+    opts = {
+        "stride": conv.stride,
+        "padding": conv.padding,
+        "dilation": conv.dilation,
+        "groups": conv.groups,
+    }
+    opts.update(overrides)
+    return fn(x, weight, None, **opts)
+
+
+def weight_dtype(base: nn.Module) -> torch.dtype:
+    """The dtype adapters train in: float32 under a half-precision base, else the base's."""
+    dtype = base.weight.dtype
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype

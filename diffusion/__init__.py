@@ -1,0 +1,1 @@
+"""omnipeft diffusion domain."""

@@ -1,0 +1,1 @@
+"""omnipeft nlp domain."""
