@@ -1,6 +1,7 @@
 """HF PEFT interop: read and write PEFT adapter folders (``adapter_config.json`` +
 ``adapter_model.safetensors``) so adapters move between omnipeft and ``peft`` with
-identical outputs. LoRA now; each method family adds its own ``PeftFormat`` here.
+identical outputs. Each method family registers its spelling as a
+``core.peft_format.PeftFormat``; this module does the file and key work for all.
 
 Only safetensors are read: a PEFT folder with only ``adapter_model.bin`` (pickle) is
 refused with instructions to convert it.
@@ -10,21 +11,16 @@ from __future__ import annotations
 
 import json
 import os
-import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import safetensors.torch
 import torch
 import torch.nn as nn
 
 from .checkpoint import atomic_write, install
-from .config import AdapterConfig
 from .errors import CheckpointError
 from .inject import adapter_config, adapter_names
-from .layers import is_fan_in_fan_out
-from .methods.lora import LoRA, LoRAAdapter
+from .peft_format import PEFT_FORMATS, PeftFormat, format_for_method
 from .targeting import adapted_modules, find_targets, walk
 
 PREFIX = "base_model.model."
@@ -32,69 +28,7 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 
 
-@dataclass(frozen=True)
-class PeftFormat:
-    """How one method's tensors and config are spelled in PEFT."""
-
-    peft_type: str
-    config_cls: type[AdapterConfig]
-    # PEFT tensor suffix -> omnipeft tensor name, per base-layer kind
-    tensor_names: dict[str, str]
-
-    def is_adapter_key(self, suffix: str) -> bool:
-        return any(suffix.endswith("." + k) for k in self.tensor_names)
-
-
-LORA = PeftFormat(
-    "LORA",
-    LoRA,
-    {
-        "lora_A.weight": "A",
-        "lora_B.weight": "B",
-        "lora_embedding_A": "A",
-        "lora_embedding_B": "B",
-    },
-)
-FORMATS = {fmt.peft_type: fmt for fmt in (LORA,)}
-
-# PEFT LoRA options whose effect omnipeft's LoRA does not reproduce (yet): refuse them
-# instead of loading something that computes a different function.
-_UNSUPPORTED_LORA = {
-    "use_dora": False,
-    "lora_bias": False,
-    "bias": "none",
-    "layers_to_transform": None,
-    "layer_replication": None,
-    "target_parameters": None,
-    "trainable_token_indices": None,
-}
-
-
-def lora_config_from_peft(pc: dict[str, Any]) -> LoRA:
-    for key, neutral in _UNSUPPORTED_LORA.items():
-        if pc.get(key, neutral) not in (neutral, [], {}):
-            raise CheckpointError(
-                f"this PEFT LoRA adapter sets {key}={pc[key]!r}, which omnipeft's LoRA does "
-                "not load yet; export it from PEFT without that option."
-            )
-    return LoRA(
-        targets=pc["target_modules"],
-        exclude=pc.get("exclude_modules") or None,
-        modules_to_save=pc.get("modules_to_save") or None,
-        r=int(pc["r"]),
-        alpha=float(pc["lora_alpha"]),
-        dropout=float(pc.get("lora_dropout", 0.0)),
-        use_rslora=bool(pc.get("use_rslora", False)),
-        rank_pattern=dict(pc.get("rank_pattern") or {}),
-        alpha_pattern=dict(pc.get("alpha_pattern") or {}),
-    )
-
-
-def load_peft(
-    model: nn.Module, path: str | os.PathLike, name: str = "default", *, trainable: bool = False
-) -> nn.Module:
-    """Load an HF PEFT adapter folder into omnipeft layers as adapter ``name``."""
-    folder = Path(path)
+def read_peft_folder(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     if not (folder / CONFIG_FILE).is_file():
         raise CheckpointError(f"{folder / CONFIG_FILE} is missing: not an HF PEFT adapter folder.")
     if not (folder / WEIGHTS_FILE).is_file():
@@ -106,39 +40,43 @@ def load_peft(
         )
         raise CheckpointError(f"{folder / WEIGHTS_FILE} is missing.{hint}")
     try:
-        pc = json.loads((folder / CONFIG_FILE).read_text())
-        raw = safetensors.torch.load_file(str(folder / WEIGHTS_FILE))
+        return (
+            json.loads((folder / CONFIG_FILE).read_text()),
+            safetensors.torch.load_file(str(folder / WEIGHTS_FILE)),
+        )
     except Exception as err:
         raise CheckpointError(f"{folder} cannot be read: {err}") from None
-    fmt = FORMATS.get(pc.get("peft_type"))
+
+
+def load_peft(
+    model: nn.Module, path: str | os.PathLike, name: str = "default", *, trainable: bool = False
+) -> nn.Module:
+    """Load an HF PEFT adapter folder into omnipeft layers as adapter ``name``."""
+    peft_config, raw = read_peft_folder(Path(path))
+    fmt = PEFT_FORMATS.get(peft_config.get("peft_type"))
     if fmt is None:
         raise CheckpointError(
-            f"PEFT type {pc.get('peft_type')!r} has no omnipeft import yet; "
-            f"supported: {sorted(FORMATS)}."
+            f"PEFT type {peft_config.get('peft_type')!r} has no omnipeft import yet; "
+            f"supported: {sorted(PEFT_FORMATS)}."
         )
-    cfg = lora_config_from_peft(pc)
-
+    fmt.check_options(peft_config)
+    cfg = fmt.config_from_peft(peft_config)
     present = dict(walk(model))
     tensors, bases, saved = {}, {}, set()
     for key, value in raw.items():
         inner = key.removeprefix(PREFIX)
-        for peft_name, ours in fmt.tensor_names.items():
-            if inner.endswith("." + peft_name):
-                module = inner[: -len(peft_name) - 1]
-                tensors[f"{module}.{ours}"] = value
-                bases[module] = present.get(module)
-                break
-        else:
-            if inner.endswith(".base_layer.weight"):
-                # PEFT saves a targeted embedding's full weight beside its LoRA factors.
-                _check_same_base(inner, value, present)
-                continue
-            # a modules_to_save tensor: "<module>.<param>"
-            module = _owner(inner, cfg.modules_to_save or (), present)
-            if module is None:
-                raise CheckpointError(f"{key}: not a {fmt.peft_type} tensor of this model.")
+        module, ours = _split_adapter_key(fmt, inner)
+        if module is not None:
+            tensors[f"{module}.{ours}"] = value
+            bases[module] = present.get(module)
+        elif inner.endswith(".base_layer.weight"):
+            # PEFT saves a targeted embedding's full weight beside its adapter tensors.
+            _check_same_base(inner, value, present)
+        elif (owner := _owner(inner, cfg.modules_to_save or (), present)) is not None:
             tensors[inner] = value
-            saved.add(module)
+            saved.add(owner)
+        else:
+            raise CheckpointError(f"{key}: not a {fmt.peft_type} tensor of this model.")
     missing = sorted(p for p, m in bases.items() if m is None)
     if missing:
         raise CheckpointError(
@@ -147,6 +85,13 @@ def load_peft(
         )
     bases = {p: getattr(m, "base_layer", m) for p, m in bases.items()}
     return install(model, name, cfg, bases, sorted(saved), tensors, trainable=trainable)
+
+
+def _split_adapter_key(fmt: PeftFormat, inner: str) -> tuple[str | None, str | None]:
+    for suffix, ours in fmt.tensor_names.items():
+        if inner.endswith("." + suffix):
+            return inner[: -len(suffix) - 1], ours
+    return None, None
 
 
 def _check_same_base(inner: str, value: torch.Tensor, present: dict[str, nn.Module]) -> None:
@@ -169,69 +114,30 @@ def _owner(inner: str, names: tuple[str, ...], present: dict[str, nn.Module]) ->
 
 def save_peft(model: nn.Module, path: str | os.PathLike, name: str = "default") -> Path:
     """Write adapter ``name`` as an HF PEFT folder that ``PeftModel.from_pretrained`` loads
-    with identical outputs.
-
-    A PiSSA adapter is written as the equivalent plain LoRA of rank 2r on the original
-    base weights ([B, -B0] [A; A0]), so PEFT needs no PiSSA conversion step.
-    """
+    with identical outputs."""
     if name not in adapter_names(model):
         raise KeyError(f"no adapter named {name!r}; the model has {adapter_names(model)}")
     cfg = adapter_config(model, name)
-    if not isinstance(cfg, LoRA):
-        raise CheckpointError(f"PEFT export is not available for method {cfg.method!r} yet.")
+    fmt = format_for_method(cfg.method)
+    adapters = {p: w.adapters[name] for p, w in adapted_modules(model) if name in w.adapters}
+    peft_config = fmt.config_to_peft(cfg, adapters)  # may refuse what PEFT cannot express
     tensors: dict[str, torch.Tensor] = {}
-    ranks: dict[str, int] = {}
-    alphas: dict[str, float] = {}
-    fan_in_fan_out = False
-    for path_, wrapper in adapted_modules(model):
-        if name not in wrapper.adapters:
-            continue
-        adapter: LoRAAdapter = wrapper.adapters[name]
-        base = wrapper.base_layer
-        fan_in_fan_out |= is_fan_in_fan_out(base)
-        if adapter.kind == "conv" and any(d != 1 for d in base.dilation):
-            raise CheckpointError(
-                f"{path_}: PEFT's LoRA ignores a convolution's dilation, so this adapter "
-                "would compute differently there; it cannot be exported exactly."
-            )
-        a, b, r = adapter.A.detach(), adapter.B.detach(), adapter.r
-        if getattr(adapter, "principal_A", None) is not None:
-            a = torch.cat([a, adapter.principal_A])
-            b = torch.cat([b, -adapter.principal_B], dim=1)
-            r = 2 * r
-        ranks[path_] = r
-        alphas[path_] = adapter.scale * (r**0.5 if cfg.use_rslora else r)
-        a_key, b_key = (
-            ("lora_embedding_A", "lora_embedding_B")
-            if adapter.kind == "embedding"
-            else ("lora_A.weight", "lora_B.weight")
-        )
-        tensors[f"{PREFIX}{path_}.{a_key}"] = a
-        tensors[f"{PREFIX}{path_}.{b_key}"] = b
-    saved_paths = []
-    for path_, module in find_targets(model, cfg.modules_to_save) if cfg.modules_to_save else []:
-        saved_paths.append(path_)
-        for key, value in module.state_dict().items():
-            tensors[f"{PREFIX}{path_}.{key}"] = value
+    for module, adapter in adapters.items():
+        for suffix, value in fmt.tensors_of(adapter).items():
+            tensors[f"{PREFIX}{module}.{suffix}"] = value.detach()
+    saved = find_targets(model, cfg.modules_to_save) if cfg.modules_to_save else []
+    for module, holder in saved:
+        for key, value in holder.state_dict().items():
+            tensors[f"{PREFIX}{module}.{key}"] = value
     peft_config = {
-        "peft_type": "LORA",
+        "peft_type": fmt.peft_type,
         "task_type": None,
         "base_model_name_or_path": None,
-        "target_modules": sorted(ranks),
+        "target_modules": sorted(adapters),
         "exclude_modules": None,
-        "modules_to_save": saved_paths or None,
-        "r": cfg.r,
-        "lora_alpha": cfg.alpha,
-        # Per-module values, keyed by the escaped full name, keep every module exact.
-        "rank_pattern": {re.escape(p): v for p, v in ranks.items() if v != cfg.r},
-        "alpha_pattern": {re.escape(p): v for p, v in alphas.items() if v != cfg.alpha},
-        "lora_dropout": cfg.dropout,
-        "use_rslora": cfg.use_rslora,
-        "fan_in_fan_out": fan_in_fan_out,
-        "bias": "none",
-        "init_lora_weights": True,
-        "use_dora": False,
+        "modules_to_save": [p for p, _ in saved] or None,
         "inference_mode": True,
+        **peft_config,
     }
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
@@ -241,4 +147,4 @@ def save_peft(model: nn.Module, path: str | os.PathLike, name: str = "default") 
     return folder
 
 
-__all__ = ["FORMATS", "PeftFormat", "load_peft", "save_peft"]
+__all__ = ["load_peft", "read_peft_folder", "save_peft"]

@@ -25,8 +25,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import AdapterConfig, check_choice, check_float, check_int
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 from ..layers import Adapter, conv_forward, is_fan_in_fan_out, weight_dtype
+from ..peft_format import PeftFormat, register_peft_format
 from ..registry import register
 
 INITS = ("kaiming", "gaussian", "pissa")
@@ -123,6 +124,8 @@ class LoRAAdapter(Adapter):
         super().__init__()
         self.kind = layer_kind(base)
         self.r, self.scale, self.init = r, scale, init
+        self.fan_in_fan_out = is_fan_in_fan_out(base)
+        self.dilation = tuple(getattr(base, "dilation", (1,)))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         a_shape, b_shape = self.factor_shapes(base, r)
         opts = {"device": base.weight.device, "dtype": weight_dtype(base)}
@@ -211,3 +214,92 @@ class LoRAAdapter(Adapter):
 
     def unmerge(self, base: nn.Module) -> None:
         self._add_to_base(base, -self.delta_weight())
+
+
+# --- HF PEFT spelling -----------------------------------------------------------------
+
+
+def _lora_from_peft(pc: dict) -> LoRA:
+    return LoRA(
+        targets=pc["target_modules"],
+        exclude=pc.get("exclude_modules") or None,
+        modules_to_save=pc.get("modules_to_save") or None,
+        r=int(pc["r"]),
+        alpha=float(pc["lora_alpha"]),
+        dropout=float(pc.get("lora_dropout", 0.0)),
+        use_rslora=bool(pc.get("use_rslora", False)),
+        rank_pattern=dict(pc.get("rank_pattern") or {}),
+        alpha_pattern=dict(pc.get("alpha_pattern") or {}),
+    )
+
+
+def _exported_factors(adapter: LoRAAdapter) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(A, B, r) for PEFT. A PiSSA adapter becomes the plain LoRA of rank 2r on the
+    original base, [B, -B0] [A; A0], so PEFT needs no PiSSA conversion step."""
+    a, b, r = adapter.A.detach(), adapter.B.detach(), adapter.r
+    if getattr(adapter, "principal_A", None) is not None:
+        a = torch.cat([a, adapter.principal_A])
+        b = torch.cat([b, -adapter.principal_B], dim=1)
+        r = 2 * r
+    return a, b, r
+
+
+def _lora_to_peft(cfg: LoRA, adapters: dict[str, LoRAAdapter]) -> dict:
+    ranks, alphas = {}, {}
+    for path, adapter in adapters.items():
+        base_dilation = getattr(adapter, "dilation", (1,))
+        if adapter.kind == "conv" and any(d != 1 for d in base_dilation):
+            raise CheckpointError(
+                f"{path}: PEFT's LoRA ignores a convolution's dilation, so this adapter "
+                "would compute differently there; it cannot be exported exactly."
+            )
+        r = _exported_factors(adapter)[2]
+        ranks[path] = r
+        alphas[path] = adapter.scale * (math.sqrt(r) if cfg.use_rslora else r)
+    return {
+        "r": cfg.r,
+        "lora_alpha": cfg.alpha,
+        # Per-module values keyed by the escaped full name keep every module exact.
+        "rank_pattern": {re.escape(p): v for p, v in ranks.items() if v != cfg.r},
+        "alpha_pattern": {re.escape(p): v for p, v in alphas.items() if v != cfg.alpha},
+        "lora_dropout": cfg.dropout,
+        "use_rslora": cfg.use_rslora,
+        "fan_in_fan_out": any(a.fan_in_fan_out for a in adapters.values()),
+        "bias": "none",
+        "init_lora_weights": True,
+        "use_dora": False,
+    }
+
+
+def _lora_tensors(adapter: LoRAAdapter) -> dict[str, torch.Tensor]:
+    a, b, _ = _exported_factors(adapter)
+    if adapter.kind == "embedding":
+        return {"lora_embedding_A": a, "lora_embedding_B": b}
+    return {"lora_A.weight": a, "lora_B.weight": b}
+
+
+register_peft_format(
+    PeftFormat(
+        peft_type="LORA",
+        method="lora",
+        tensor_names={
+            "lora_A.weight": "A",
+            "lora_B.weight": "B",
+            "lora_embedding_A": "A",
+            "lora_embedding_B": "B",
+        },
+        config_from_peft=_lora_from_peft,
+        config_to_peft=_lora_to_peft,
+        export_tensors=_lora_tensors,
+        # PEFT LoRA options omnipeft's LoRA does not reproduce: refused, never ignored.
+        neutral={
+            "use_dora": False,
+            "lora_bias": False,
+            "bias": "none",
+            "layers_to_transform": None,
+            "layer_replication": None,
+            "target_parameters": None,
+            "trainable_token_indices": None,
+        },
+    )
+)
