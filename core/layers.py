@@ -5,7 +5,7 @@
 its adapters, by name, under ``adapters``. Its forward is
 
     x' = pre_n(...pre_1(x))            adapters that act on the input (e.g. OFT rotations)
-    y  = base_layer(x', ...)
+    y  = base_layer(x', ...)           or one adapter's run_base(x', base) (a changed weight)
     y  = post_n(x, ...post_1(x, y))    adapters that act on the output (e.g. LoRA: y + s B A x)
 
 over the active, unmerged adapters in order. A merged adapter is already inside the base
@@ -24,7 +24,18 @@ from .errors import MergeError
 
 
 class Adapter(nn.Module):
-    """One named adapter on one base module. Methods subclass this."""
+    """One named adapter on one base module. Methods subclass this.
+
+    An adapter acts through ``pre`` (on the input), ``post`` (on the output) or, when it
+    sets ``replaces_base``, through ``run_base``, which computes the base module's output
+    itself (e.g. with a transformed weight) so the frozen forward is not run twice.
+    """
+
+    replaces_base: bool = False
+
+    def run_base(self, x: torch.Tensor, base: nn.Module, *args: Any, **kwargs: Any):
+        """The base module's output computed by this adapter (only if ``replaces_base``)."""
+        raise NotImplementedError
 
     def pre(self, x: torch.Tensor) -> torch.Tensor:
         """Transform the input before the base module (identity by default)."""
@@ -84,7 +95,16 @@ class AdaptedModule(nn.Module):
         h = x
         for adapter in running:
             h = adapter.pre(h)
-        y = self.base_layer(h, *args, **kwargs)
+        replacing = [a for a in running if a.replaces_base]
+        if len(replacing) > 1:
+            raise RuntimeError(
+                f"adapters {[type(a).__name__ for a in replacing]} each recompute this base "
+                "layer and cannot run together on it; activate one of them."
+            )
+        if replacing:
+            y = replacing[0].run_base(h, self.base_layer, *args, **kwargs)
+        else:
+            y = self.base_layer(h, *args, **kwargs)
         for adapter in running:
             y = adapter.post(x, y, self.base_layer)
         return y
