@@ -1,0 +1,378 @@
+"""The Lightning base every domain module builds on: inject, optimise, checkpoint adapters.
+
+A domain subclasses ``PeftModule`` and writes two methods, ``build_model`` (the frozen
+backbone) and ``compute_loss`` (task loss + metrics for one batch). The base injects the
+method config, adds the regularisers adapters expose to the loss, puts only trainable
+parameters in AdamW, and makes every Lightning checkpoint adapter-only: a ``.ckpt`` holds
+the adapter's tensors (and anything else trainable), never the frozen base weights, so
+``build_model`` must rebuild the same base (pretrained weights, or a fixed seed).
+
+Hyperparameters hold the method as a plain ``{"class_path", "init_args"}`` dict, the
+form LightningCLI configs use, so checkpoints load with ``torch.load(weights_only=True)``
+and ``hparams.yaml`` is readable YAML.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from functools import partial
+from pathlib import Path
+from typing import Any, ClassVar
+
+import lightning
+import torch
+import torch.nn as nn
+
+from .config import AdapterConfig
+from .errors import CheckpointError, ConfigError
+from .inject import adapter_config, aux_loss, inject
+from .registry import METHODS
+from .report import param_report
+from .targeting import adapted_modules, find_targets
+
+SCHEDULES = ("cosine", "constant")
+MethodArg = AdapterConfig | dict[str, Any]
+"""How subclasses annotate ``method``: a config, or its ``{"class_path", "init_args"}`` dict."""
+MODEL_ATTR = "model"  # the backbone lives at ``self.model``: state keys start "model."
+
+try:  # LightningCLI: let `method: {class_path: core.LoRA, init_args: ...}` pick any method.
+    from jsonargparse import set_parsing_settings
+
+    set_parsing_settings(subclasses_enabled=[AdapterConfig])
+except (ImportError, TypeError):  # older jsonargparse: PeftModule still accepts the dict
+    pass
+
+
+# --- the method config as plain data --------------------------------------------------
+
+
+def method_spec(cfg: AdapterConfig) -> dict[str, Any]:
+    """``cfg`` as ``{"class_path", "init_args"}``: YAML/JSON-safe and loadable without pickle."""
+    cls = type(cfg)
+    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": cfg.to_dict()}
+
+
+def _method_class(class_path: str) -> type[AdapterConfig]:
+    # Only registered methods resolve, so a checkpoint's hparams can never import code.
+    import core
+
+    for name, cls in METHODS.items():
+        aliases = {name, cls.__qualname__, f"{cls.__module__}.{cls.__qualname__}"}
+        if getattr(core, cls.__qualname__, None) is cls:
+            aliases.add(f"core.{cls.__qualname__}")
+        if class_path in aliases:
+            return cls
+    known = sorted(f"{c.__module__}.{c.__qualname__}" for c in METHODS.values())
+    raise ConfigError(
+        f"method class_path {class_path!r} names no registered method; known: {known} "
+        f"(or their registry names {sorted(METHODS)}). Import the module that defines a "
+        "custom method before building the model."
+    )
+
+
+def method_from_spec(method: AdapterConfig | Mapping[str, Any]) -> AdapterConfig:
+    """Accept a config, or the ``{"class_path", "init_args"}`` dict configs and hparams hold."""
+    if isinstance(method, AdapterConfig):
+        return method
+    if isinstance(method, Mapping) and isinstance(method.get("class_path"), str):
+        cls = _method_class(method["class_path"])
+        init_args = dict(method.get("init_args") or {})
+        try:
+            return cls(**init_args)
+        except TypeError as err:
+            raise ConfigError(f"init_args do not fit {cls.__name__}: {err}") from None
+    raise ConfigError(
+        "method must be a method config such as core.LoRA(targets=['qkv']) or a dict "
+        "{'class_path': 'core.LoRA', 'init_args': {'targets': ['qkv']}}, "
+        f"got {type(method).__name__} {method!r}."
+    )
+
+
+# --- learning-rate schedule -------------------------------------------------------------
+
+
+def lr_factor(step: int, *, warmup_steps: int, total_steps: int | None, schedule: str) -> float:
+    """Multiplier of the base lr at optimizer step ``step`` (0-based).
+
+    Linear warmup from 1/warmup_steps to 1 over ``warmup_steps`` steps, then constant or a
+    half cosine that reaches 0 at ``total_steps``.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant" or not total_steps:
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+# --- the module ------------------------------------------------------------------------
+
+
+class PeftModule(lightning.LightningModule):
+    """Base LightningModule for PEFT: a frozen backbone with one trainable adapter.
+
+    Args:
+        method: the method config (e.g. ``core.LoRA(targets=["qkv"])``) or its
+            ``{"class_path", "init_args"}`` dict, as LightningCLI passes it.
+        adapter_name: name of the adapter injected, trained, saved and exported.
+        lr: peak AdamW learning rate.
+        weight_decay: AdamW weight decay, applied to matrices only (not to biases, norm
+            scales or other 1-D parameters, where decay only hurts).
+        betas: AdamW betas.
+        warmup_steps: optimizer steps of linear warmup (0 for none).
+        scheduler: "cosine" (decay to 0 over the run, needs max_steps or max_epochs) or
+            "constant" (after warmup). Both step once per optimizer step.
+
+    Subclasses implement ``build_model`` and ``compute_loss``. Their own ``__init__``
+    arguments are collected into ``self.hparams`` before ``build_model`` runs, so read them
+    there (``self.hparams.num_classes``); do not call ``save_hyperparameters`` again.
+    Set ``build_in_configure_model = True`` to build in ``configure_model`` instead of
+    ``__init__``: the backbone is then created under the trainer's device/precision/sharding
+    context, which large models need.
+    """
+
+    build_in_configure_model: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        method: MethodArg,
+        adapter_name: str = "default",
+        lr: float = 1e-3,
+        weight_decay: float = 0.01,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 0,
+        scheduler: str = "cosine",
+    ) -> None:
+        super().__init__()
+        self.method = method_from_spec(method)
+        self.adapter_name = adapter_name
+        _check_optim(lr, weight_decay, betas, warmup_steps, scheduler)
+        # Collects this and every subclass __init__'s arguments (or LightningCLI's config);
+        # then the method is replaced by its plain-dict form so no dataclass gets pickled.
+        self.save_hyperparameters()
+        self.save_hyperparameters({"method": method_spec(self.method)})
+        self.strict_loading = False  # checkpoints hold the adapter only
+        self.exported_adapter: Path | None = None
+        self.model: nn.Module | None = None
+        if not self.build_in_configure_model:
+            self._build()
+
+    # -- what subclasses write ------------------------------------------------------------
+
+    def build_model(self) -> nn.Module:
+        """Return the backbone (pretrained, not yet adapted). Runs once."""
+        raise NotImplementedError(f"{type(self).__name__} must implement build_model()")
+
+    def compute_loss(self, batch: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Return (task loss, extra metrics to log) for one batch."""
+        raise NotImplementedError(f"{type(self).__name__} must implement compute_loss(batch)")
+
+    # -- building -------------------------------------------------------------------------
+
+    def _build(self) -> None:
+        model = self.build_model()
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"{type(self).__name__}.build_model() must return an nn.Module, "
+                f"got {type(model).__name__}."
+            )
+        self.model = inject(model, self.method, name=self.adapter_name)
+
+    def configure_model(self) -> None:
+        if self.model is None:
+            self._build()
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    # -- steps ----------------------------------------------------------------------------
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        """Task loss plus the regularisers active adapters expose (``core.aux_loss``)."""
+        task, logs = self._loss_and_logs(batch)
+        aux = aux_loss(self.model)
+        loss = task if aux is None else task + aux
+        self.log("train_loss", loss, prog_bar=True)
+        self.log("train_task_loss", task)
+        if aux is not None:
+            self.log("train_aux_loss", aux)
+        self._log_extras("train", logs)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._eval_step("val", batch)
+
+    def test_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._eval_step("test", batch)
+
+    def _loss_and_logs(self, batch: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+        out = self.compute_loss(batch)
+        if isinstance(out, torch.Tensor):
+            return out, {}
+        loss, logs = out
+        return loss, dict(logs or {})
+
+    def _eval_step(self, stage: str, batch: Any) -> torch.Tensor:
+        loss, logs = self._loss_and_logs(batch)
+        self.log(f"{stage}_loss", loss, prog_bar=True, sync_dist=True)
+        self._log_extras(stage, logs, sync_dist=True)
+        return loss
+
+    def _log_extras(self, stage: str, logs: dict[str, Any], sync_dist: bool = False) -> None:
+        for key, value in logs.items():
+            self.log(f"{stage}_{key}", value, sync_dist=sync_dist)
+
+    # -- optimisation ---------------------------------------------------------------------
+
+    def configure_optimizers(self) -> Any:
+        """AdamW over trainable parameters only; optional warmup + cosine, stepped per step."""
+        decay, no_decay = [], []
+        for param in self.parameters():
+            if param.requires_grad:
+                (decay if param.ndim >= 2 else no_decay).append(param)
+        if not decay and not no_decay:
+            raise ConfigError(
+                "nothing is trainable: the method froze every parameter. Check `targets` "
+                "and that build_model() does not freeze the adapter afterwards."
+            )
+        hp = self.hparams
+        groups = [
+            {"params": params, "weight_decay": wd}
+            for params, wd in ((decay, hp.weight_decay), (no_decay, 0.0))
+            if params
+        ]
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
+        if hp.scheduler == "constant" and hp.warmup_steps == 0:
+            return optimizer
+        total = None
+        if hp.scheduler == "cosine":
+            total = self.trainer.estimated_stepping_batches
+            if not math.isfinite(total):
+                raise ConfigError(
+                    "scheduler='cosine' needs the run's length: set Trainer(max_steps=...) or "
+                    "max_epochs, or use scheduler='constant'."
+                )
+            total = int(total)
+        factor = partial(
+            lr_factor, warmup_steps=hp.warmup_steps, total_steps=total, schedule=hp.scheduler
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
+        }
+
+    # -- reporting and export -------------------------------------------------------------
+
+    def on_fit_start(self) -> None:
+        """Set train mode, print the parameter table once, send the counts to the loggers."""
+        self.set_train_mode()
+        report = param_report(self.model)
+        self.print(str(report))
+        for logger in self.loggers:  # self.log is not allowed in on_fit_start
+            logger.log_metrics(
+                {"params_trainable": report.trainable, "params_total": report.total}, step=0
+            )
+
+    def set_train_mode(self) -> None:
+        """``train()``, except norm layers whose running statistics the checkpoint omits.
+
+        Backbones often arrive in eval mode (``from_pretrained``) and Lightning keeps module
+        modes as found, so training would silently run without dropout. But a frozen
+        BatchNorm in train mode would update its running statistics: the base would drift
+        and the adapter-only checkpoint would no longer reproduce the trained model.
+        """
+        self.train()
+        saved = set(self.adapter_state_dict())
+        for name, module in self.named_modules():
+            stats = getattr(module, "running_mean", None)
+            if isinstance(stats, torch.Tensor) and f"{name}.running_mean" not in saved:
+                module.eval()
+
+    def export_adapter(self, path: str | Path) -> Path:
+        """Write the adapter as an omnipeft adapter folder (``core.save_adapter``)."""
+        from .checkpoint import save_adapter
+
+        return save_adapter(self.model, path, name=self.adapter_name)
+
+    def on_train_end(self) -> None:
+        """Export the adapter to ``<log_dir or default_root_dir>/adapter`` (rank zero)."""
+        log_dir = self.trainer.log_dir or self.trainer.default_root_dir  # every rank calls it
+        if self.trainer.is_global_zero:
+            self.exported_adapter = self.export_adapter(Path(log_dir) / "adapter")
+            self.print(f"adapter {self.adapter_name!r} exported to {self.exported_adapter}")
+
+    # -- adapter-only Lightning checkpoints -----------------------------------------------
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """The part of ``self.state_dict()`` a checkpoint keeps: the adapter's tensors,
+        its ``modules_to_save`` and any other trainable parameter, under their real keys."""
+        prefix, name = f"{MODEL_ATTR}.", self.adapter_name
+        keep: set[str] = set()
+        for path, wrapper in adapted_modules(self.model):
+            if name in wrapper.adapters:
+                owned = wrapper.adapters[name].state_dict(prefix=f"{prefix}{path}.adapters.{name}.")
+                keep.update(owned)
+        saved = adapter_config(self.model, name).modules_to_save
+        for path, module in find_targets(self.model, saved) if saved else []:
+            keep.update(module.state_dict(prefix=f"{prefix}{path}."))
+        keep.update(n for n, p in self.named_parameters() if p.requires_grad)
+        return {k: v for k, v in self.state_dict().items() if k in keep}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = self.adapter_state_dict()
+        checkpoint["omnipeft"] = {"adapter_name": self.adapter_name, **method_spec(self.method)}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Check the checkpoint fits before anything loads, then fill in the frozen base.
+
+        Unknown keys, wrong shapes or missing adapter tensors raise ``CheckpointError``; the
+        base's own tensors are added so that loading is complete (no missing-key warnings).
+        """
+        self.configure_model()
+        state = checkpoint.get("state_dict") or {}
+        own = self.state_dict()
+        unknown = sorted(k for k in state if k not in own)
+        if unknown:
+            raise CheckpointError(
+                f"the checkpoint has {len(unknown)} tensor(s) this {type(self).__name__} does not: "
+                f"{unknown[:8]}{' ...' if len(unknown) > 8 else ''}. It was saved from another "
+                f"model, method config or adapter name (this module has adapter "
+                f"{self.adapter_name!r}, method {self.method.method!r}); build the module with "
+                "the same arguments it was trained with."
+            )
+        wrong = [
+            f"{k}: checkpoint {list(state[k].shape)} vs model {list(own[k].shape)}"
+            for k in sorted(state)
+            if isinstance(state[k], torch.Tensor) and state[k].shape != own[k].shape
+        ]
+        missing = sorted(k for k in self.adapter_state_dict() if k not in state)
+        if wrong or missing:
+            raise CheckpointError(
+                "the checkpoint does not fit this module's adapter:\n  "
+                + "\n  ".join(wrong[:8] + [f"missing {k}" for k in missing[:8]])
+                + "\nIt was saved with another method config (e.g. rank) or adapter name."
+            )
+        checkpoint["state_dict"] = {**own, **state}
+
+
+def _check_optim(
+    lr: float, weight_decay: float, betas: tuple[float, float], warmup_steps: int, scheduler: str
+) -> None:
+    problems = []
+    if not (isinstance(lr, int | float) and lr > 0):
+        problems.append(f"lr must be > 0, got {lr!r}")
+    if not (isinstance(weight_decay, int | float) and weight_decay >= 0):
+        problems.append(f"weight_decay must be >= 0, got {weight_decay!r}")
+    if len(tuple(betas)) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        problems.append(f"betas must be two numbers in [0, 1), got {betas!r}")
+    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+        problems.append(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
+    if scheduler not in SCHEDULES:
+        problems.append(f"scheduler must be one of {SCHEDULES}, got {scheduler!r}")
+    if problems:
+        raise ConfigError("PeftModule optimizer settings: " + "; ".join(problems) + ".")
+
+
+__all__ = ["MethodArg", "PeftModule", "lr_factor", "method_from_spec", "method_spec"]
