@@ -88,10 +88,11 @@ class AdaptedModule(nn.Module):
     def running(self) -> list[Adapter]:
         return [self.adapters[n] for n in self.active if n not in self.merged]
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
         running = self.running()
         if not running:
-            return self.base_layer(x, *args, **kwargs)
+            return self.base_layer(*args, **kwargs)
+        x, call = split_primary_input(args, kwargs)
         h = x
         for adapter in running:
             h = adapter.pre(h)
@@ -102,15 +103,36 @@ class AdaptedModule(nn.Module):
                 "layer and cannot run together on it; activate one of them."
             )
         if replacing:
-            y = replacing[0].run_base(h, self.base_layer, *args, **kwargs)
+            adapter, base = replacing[0], self.base_layer
+            y = call(lambda h_, *a, **k: adapter.run_base(h_, base, *a, **k), h)
         else:
-            y = self.base_layer(h, *args, **kwargs)
+            y = call(self.base_layer, h)
         for adapter in running:
             y = adapter.post(x, y, self.base_layer)
         return y
 
     def extra_repr(self) -> str:
         return f"active={self.active}, merged={self.merged}"
+
+
+# Keyword names under which frameworks pass a block's main input (transformers attention
+# and MLP blocks are called with ``hidden_states=...``; diffusers with ``sample=...``).
+PRIMARY_INPUT_NAMES = ("hidden_states", "x", "input", "sample", "input_ids", "inputs_embeds")
+
+
+def split_primary_input(args: tuple, kwargs: dict) -> tuple[Any, Any]:
+    """Find the main input of a call and return it with a function that re-calls a module
+    with a replacement main input and the other arguments unchanged."""
+    if args:
+        return args[0], lambda fn, h: fn(h, *args[1:], **kwargs)
+    for key in PRIMARY_INPUT_NAMES:
+        if key in kwargs:
+            rest = {k: v for k, v in kwargs.items() if k != key}
+            return kwargs[key], lambda fn, h, key=key, rest=rest: fn(**{key: h}, **rest)
+    raise TypeError(
+        "an adapted module was called without a positional input or one of the keywords "
+        f"{PRIMARY_INPUT_NAMES}; adapt a module whose main input is one of these."
+    )
 
 
 # --- views of common base layers as a 2-D weight ------------------------------------------

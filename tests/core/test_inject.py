@@ -145,3 +145,30 @@ def test_param_report_table_and_data(vit):
     assert report.as_dict()["trainable_percent"] == pytest.approx(
         100 * (lora + head) / (total + lora)
     )
+
+
+class _AddOne(core.layers.Adapter):
+    def post(self, x, y, base):
+        return y + 1
+
+
+class _KeywordBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(4, 4)
+
+    def forward(self, hidden_states, scale=1.0):
+        return self.inner(hidden_states) * scale
+
+
+def test_wrapper_passes_keyword_inputs_and_extra_arguments():
+    block = _KeywordBlock()
+    x = torch.randn(2, 4)
+    want = block(hidden_states=x, scale=2.0) + 1
+    wrapper = core.layers.AdaptedModule(block)
+    wrapper.adapters["one"] = _AddOne()
+    wrapper.active = ["one"]
+    torch.testing.assert_close(wrapper(hidden_states=x, scale=2.0), want)
+    torch.testing.assert_close(wrapper(x, 2.0), want)
+    with pytest.raises(TypeError, match="without a positional input"):
+        wrapper(other=x)
