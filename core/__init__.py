@@ -23,16 +23,35 @@ from .inject import (
     unload,
     unmerge,
 )
+from .methods.bottleneck import AdapterBias, Bottleneck, Compacter
 from .methods.lora import LoRA
+from .methods.orthogonal import BOFT, OFT, QGOFT
+from .methods.scaling import IA3, SSF, BitFit, DiffFit, LNTuning
+from .methods.spectral import SODA, SVFT, FourierFT, SVFit
 from .registry import METHODS
 from .report import ParamReport, param_report
 
 __all__ = [
+    "BOFT",
+    "IA3",
     "METHODS",
+    "OFT",
+    "QGOFT",
+    "SODA",
+    "SSF",
+    "SVFT",
+    "AdapterBias",
     "AdapterConfig",
+    "BitFit",
+    "Bottleneck",
     "CheckpointError",
+    "Compacter",
     "ConfigError",
+    "DiffFit",
+    "FourierFT",
+    "LNTuning",
     "LoRA",
+    "SVFit",
     "MergeError",
     "OmniPeftError",
     "ParamReport",

@@ -20,10 +20,10 @@ import torch.nn as nn
 from .checkpoint import atomic_write, install
 from .errors import CheckpointError
 from .inject import adapter_config, adapter_names
-from .peft_format import PEFT_FORMATS, PeftFormat, format_for_method
+from .peft_format import MODULE_KEY_PREFIX, PEFT_FORMATS, PeftFormat, format_for_method
 from .targeting import adapted_modules, find_targets, walk
 
-PREFIX = "base_model.model."
+PREFIX = MODULE_KEY_PREFIX  # kept for callers of the old name
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 
@@ -60,31 +60,51 @@ def load_peft(
             f"supported: {sorted(PEFT_FORMATS)}."
         )
     fmt.check_options(peft_config)
-    cfg = fmt.config_from_peft(peft_config)
     present = dict(walk(model))
-    tensors, bases, saved = {}, {}, set()
+    tensors: dict[str, dict[str, torch.Tensor]] = {}  # module -> {our tensor name: tensor}
+    if fmt.whole_model:
+        # Prompt learning: PEFT's own tensors carry no module prefix ("prompt_embeddings").
+        own = {k: v for k, v in raw.items() if not k.startswith(fmt.key_prefix)}
+        cfg, tensors = fmt.import_model(peft_config, own, model)
+        raw = {k: v for k, v in raw.items() if k.startswith(fmt.key_prefix)}
+    else:
+        cfg = fmt.config_from_peft(peft_config)
+    flat, saved = {}, set()
     for key, value in raw.items():
-        inner = key.removeprefix(PREFIX)
-        module, ours = _split_adapter_key(fmt, inner)
+        inner = key.removeprefix(fmt.key_prefix)
+        module, ours = (None, None) if fmt.whole_model else _split_adapter_key(fmt, inner)
         if module is not None:
-            tensors[f"{module}.{ours}"] = value
-            bases[module] = present.get(module)
+            tensors.setdefault(module, {})[ours] = value
         elif inner.endswith(".base_layer.weight"):
             # PEFT saves a targeted embedding's full weight beside its adapter tensors.
             _check_same_base(inner, value, present)
         elif (owner := _owner(inner, cfg.modules_to_save or (), present)) is not None:
-            tensors[inner] = value
+            flat[inner] = value
             saved.add(owner)
         else:
             raise CheckpointError(f"{key}: not a {fmt.peft_type} tensor of this model.")
-    missing = sorted(p for p, m in bases.items() if m is None)
+    missing = sorted(p for p in tensors if present.get(p) is None)
     if missing:
         raise CheckpointError(
             f"the PEFT adapter names modules this model lacks: {missing[:5]}; "
             "load it into the model it was trained on."
         )
-    bases = {p: getattr(m, "base_layer", m) for p, m in bases.items()}
-    return install(model, name, cfg, bases, sorted(saved), tensors, trainable=trainable)
+    bases = {p: getattr(present[p], "base_layer", present[p]) for p in tensors}
+    for module, named in tensors.items():
+        for ours, value in _converted(fmt, cfg, bases[module], named).items():
+            flat[f"{module}.{ours}"] = value
+    return install(model, name, cfg, bases, sorted(saved), flat, trainable=trainable)
+
+
+def _converted(
+    fmt: PeftFormat, cfg, base: nn.Module, named: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """One module's PEFT tensors in omnipeft's layout (the format's optional hooks)."""
+    if fmt.import_tensor is not None:
+        named = {ours: fmt.import_tensor(cfg, ours, value) for ours, value in named.items()}
+    if fmt.import_tensors is not None:
+        named = fmt.import_tensors(base, named)
+    return named
 
 
 def _split_adapter_key(fmt: PeftFormat, inner: str) -> tuple[str | None, str | None]:
@@ -112,36 +132,53 @@ def _owner(inner: str, names: tuple[str, ...], present: dict[str, nn.Module]) ->
     return None
 
 
-def save_peft(model: nn.Module, path: str | os.PathLike, name: str = "default") -> Path:
+def save_peft(
+    model: nn.Module,
+    path: str | os.PathLike,
+    name: str = "default",
+    *,
+    task_type: str | None = None,
+) -> Path:
     """Write adapter ``name`` as an HF PEFT folder that ``PeftModel.from_pretrained`` loads
-    with identical outputs."""
+    with identical outputs.
+
+    ``task_type`` overrides PEFT's task type, which picks the ``PeftModel`` class that
+    loads the folder (prompt-learning formats infer it from the model class otherwise).
+    """
     if name not in adapter_names(model):
         raise KeyError(f"no adapter named {name!r}; the model has {adapter_names(model)}")
     cfg = adapter_config(model, name)
     fmt = format_for_method(cfg.method)
     adapters = {p: w.adapters[name] for p, w in adapted_modules(model) if name in w.adapters}
-    peft_config = fmt.config_to_peft(cfg, adapters)  # may refuse what PEFT cannot express
     tensors: dict[str, torch.Tensor] = {}
-    for module, adapter in adapters.items():
-        for suffix, value in fmt.tensors_of(adapter).items():
-            tensors[f"{PREFIX}{module}.{suffix}"] = value.detach()
+    if fmt.whole_model:
+        fields, own = fmt.export_model(cfg, adapters, model)
+        tensors.update(own)
+        targeting = {}  # prompt learning names no target modules
+    else:
+        fields = fmt.config_to_peft(cfg, adapters)  # may refuse what PEFT cannot express
+        for module, adapter in adapters.items():
+            for suffix, value in fmt.tensors_of(adapter).items():
+                tensors[f"{fmt.key_prefix}{module}.{suffix}"] = value
+        targeting = {"target_modules": sorted(adapters), "exclude_modules": None}
     saved = find_targets(model, cfg.modules_to_save) if cfg.modules_to_save else []
     for module, holder in saved:
         for key, value in holder.state_dict().items():
-            tensors[f"{PREFIX}{module}.{key}"] = value
+            tensors[f"{fmt.key_prefix}{module}.{key}"] = value
     peft_config = {
         "peft_type": fmt.peft_type,
         "task_type": None,
         "base_model_name_or_path": None,
-        "target_modules": sorted(adapters),
-        "exclude_modules": None,
+        **targeting,
         "modules_to_save": [p for p, _ in saved] or None,
         "inference_mode": True,
-        **peft_config,
+        **fields,
     }
+    if task_type is not None:
+        peft_config["task_type"] = task_type
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    blob = safetensors.torch.save({k: v.contiguous().cpu() for k, v in tensors.items()})
+    blob = safetensors.torch.save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
     atomic_write(folder / WEIGHTS_FILE, blob)
     atomic_write(folder / CONFIG_FILE, json.dumps(peft_config, indent=2).encode())
     return folder

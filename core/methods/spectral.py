@@ -1,0 +1,696 @@
+"""The spectral family: updates of a frozen weight written in a spectral basis of it.
+
+Each method re-parameterises a frozen weight W0 (d_out x d_in) and merges into it exactly.
+
+* FourierFT (Gao et al., ICML 2024, "Parameter-Efficient Fine-Tuning with Discrete Fourier
+  Transform"): Delta W = alpha * Re(IDFT2(F)), F zero except n trainable coefficients at
+  fixed random frequencies.
+* SVFT (Lingam et al., NeurIPS 2024, "SVFT: Parameter-Efficient Fine-Tuning with Singular
+  Vectors"): W0 = U S V^T, Delta W = U M V^T with M sparse on a fixed pattern.
+* SVFit (Sun et al., 2024, "SVFit: Parameter-Efficient Fine-Tuning of Large Pre-Trained
+  Models Using Singular Values"): only the top-r singular values of W0 train.
+* SODA (Zhang et al., WACV 2025, "Spectrum-Aware Parameter Efficient Fine-Tuning for
+  Diffusion Models"): W0 = W_spec W_basis, W = (W_spec + Delta S) W_basis R, R an orthogonal
+  Kronecker product.
+
+Every supported base layer is seen as one (d_out, d_in) matrix: a Linear as it is,
+transformers' Conv1D transposed, a convolution flattened to (out, in/groups * prod(kernel)).
+
+What is saved: the trainable values, and any fixed pattern that defines the method and
+cannot be re-derived from the shapes (FourierFT's frequencies, SVFT's random and top-k
+positions). The SVD/LQ bases are recomputed in ``on_attach`` (non-persistent buffers):
+saving them would cost about two full weight matrices per layer, and with the sign
+convention of ``thin_svd``/``thin_lq`` the recomputed bases equal the originals to float
+tolerance. On the ``meta`` device no decomposition runs: the bases are shape-only.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import AdapterConfig, check_choice, check_float, check_int
+from ..errors import CheckpointError, ConfigError
+from ..layers import Adapter, conv_forward, is_fan_in_fan_out, weight_dtype
+from ..peft_format import PeftFormat, register_peft_format
+from ..registry import register
+
+# --- base layers as (d_out, d_in) matrices ----------------------------------------------
+
+LINEAR_LAYERS = "nn.Linear or transformers Conv1D"
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_fan_in_fan_out(module)
+
+
+def matrix_shape(base: nn.Module) -> tuple[int, int]:
+    """(d_out, d_in) of the base weight seen as a matrix."""
+    shape = base.weight.shape
+    if is_fan_in_fan_out(base):
+        return shape[1], shape[0]
+    return shape[0], math.prod(shape[1:])
+
+
+def weight_matrix(base: nn.Module) -> torch.Tensor:
+    """The base weight as a (d_out, d_in) view (no copy)."""
+    weight = base.weight
+    return weight.T if is_fan_in_fan_out(base) else weight.reshape(weight.shape[0], -1)
+
+
+def in_weight_layout(base: nn.Module, matrix: torch.Tensor) -> torch.Tensor:
+    """A (d_out, d_in) matrix in the base weight's own layout and dtype."""
+    if is_fan_in_fan_out(base):
+        matrix = matrix.T
+    return matrix.reshape(base.weight.shape).to(base.weight.dtype)
+
+
+def add_to_weight(base: nn.Module, delta: torch.Tensor) -> None:
+    base.weight.data += in_weight_layout(base, delta)
+
+
+def thin_svd(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``rank`` singular vectors (U: d_out x rank, Vh: rank x d_in) in float32.
+
+    Signs are fixed (each u_i's largest entry positive, v_i flipped with it) so a
+    recomputation gives the same bases and saved coefficients keep their meaning.
+    """
+    u, _, vh = torch.linalg.svd(matrix.float(), full_matrices=False)
+    u, vh = u[:, :rank], vh[:rank]
+    peak = u.gather(0, u.abs().argmax(dim=0, keepdim=True)).squeeze(0)
+    signs = torch.where(peak < 0, -1.0, 1.0).to(u)
+    return u * signs, vh * signs[:, None]
+
+
+def thin_lq(matrix: torch.Tensor) -> torch.Tensor:
+    """Q (r x d_in, orthonormal rows) of W = L Q, with diag(L) >= 0 so it is unique."""
+    q, r = torch.linalg.qr(matrix.float().T)  # W^T = q r, so W = r^T q^T = L Q
+    signs = torch.where(torch.diagonal(r) < 0, -1.0, 1.0).to(q)
+    return (q * signs).T
+
+
+def shape_only(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+# --- FourierFT ----------------------------------------------------------------------------
+
+
+def peft_pattern_value(patterns: dict, path: str, default: int) -> int:
+    """HF PEFT's FourierFT per-module lookup: the first key matching the end of the name
+    after a dot (a regular expression), else the full name itself, else the default."""
+    for key, value in patterns.items():
+        if re.match(rf".*\.{key}$", path):
+            return value
+    return patterns.get(path, default)
+
+
+@functools.lru_cache(maxsize=16)
+def _seeded_positions(d_out: int, d_in: int, n: int, seed: int) -> torch.Tensor:
+    flat = torch.randperm(d_out * d_in, generator=torch.Generator().manual_seed(seed))[:n]
+    return torch.stack([flat // d_in, flat % d_in])
+
+
+def frequency_positions(d_out: int, d_in: int, n: int, seed: int) -> torch.Tensor:
+    """(2, n) spectrum (row, column) positions exactly as HF PEFT draws them: the first n
+    entries of a seeded permutation of the d_out * d_in entries. Cached per shape because
+    every layer of one shape shares them (the paper's shared entry matrix)."""
+    return _seeded_positions(d_out, d_in, n, seed).clone()
+
+
+FOURIER_INITS = ("gaussian", "zeros")
+
+
+@register("fourierft", mergeable=True)
+@dataclass(frozen=True, kw_only=True)
+class FourierFT(AdapterConfig):
+    """FourierFT config (Gao et al., 2024); defaults follow HF PEFT's ``FourierFTConfig``.
+
+    Delta W = scaling * Re(IDFT2(F)), where F (d_out x d_in) is zero except the n trainable
+    coefficients c at fixed random positions (the spectral entry matrix), and IDFT2
+    includes the 1/(d_out d_in) factor. n parameters per adapted matrix.
+
+    The paper's code and HF PEFT draw c from N(0, 1), so by default the model does NOT
+    start exactly as the frozen one (the initial Delta W is small: alpha * sqrt(n/2) /
+    (d_out d_in) per entry); ``init="zeros"`` starts from the identity.
+
+    Args:
+        n_frequency: number of trainable spectral coefficients n per matrix.
+        scaling: alpha, multiplies Delta W (PEFT's ``scaling``; tuned per task, PEFT
+            suggests 100-150 for RoBERTa on GLUE and 300 for LLaMA and ViT).
+        random_loc_seed: seed of the frequency positions; the same seed gives PEFT's.
+        init: "gaussian" (c ~ N(0, 1), the paper's and PEFT's) or "zeros".
+        n_frequency_pattern: per-module n, keyed like PEFT (a name-suffix regex).
+        store_positions: keep the positions in the checkpoint, so a reload is exact even if
+            another seed or torch version would draw others. PEFT folders carry only the
+            seed, so adapters imported from PEFT use False and re-derive them.
+    """
+
+    n_frequency: int = 1000
+    scaling: float = 150.0
+    random_loc_seed: int = 777
+    init: str = "gaussian"
+    n_frequency_pattern: dict[str, int] = field(default_factory=dict)
+    store_positions: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int(self, "n_frequency")
+        check_float(self, "scaling", low=0.0, low_open=True)
+        check_int(self, "random_loc_seed", minimum=0)
+        check_choice(self, "init", FOURIER_INITS)
+        if not isinstance(self.store_positions, bool):
+            raise ConfigError(
+                f"FourierFT.store_positions must be True or False, got {self.store_positions!r}."
+            )
+        for key, n in self.n_frequency_pattern.items():
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise ConfigError(
+                    f"FourierFT.n_frequency_pattern[{key!r}] must be an int >= 1, got {n!r}; "
+                    "give the number of spectral coefficients for the modules it names."
+                )
+
+    def unsupported_reason(self, module: nn.Module) -> str | None:
+        if not is_linear_like(module):
+            return f"FourierFT wraps {LINEAR_LAYERS} (as HF PEFT does)"
+        return None
+
+    def build(self, module: nn.Module, path: str) -> FourierFTAdapter:
+        n = peft_pattern_value(self.n_frequency_pattern, path, self.n_frequency)
+        d_out, d_in = matrix_shape(module)
+        if n > d_out * d_in:
+            raise ConfigError(
+                f"FourierFT at {path}: n_frequency={n} exceeds the {d_out}x{d_in} = "
+                f"{d_out * d_in} spectrum entries; lower n_frequency (or set it for this "
+                "module through n_frequency_pattern)."
+            )
+        return FourierFTAdapter(
+            module,
+            n=n,
+            scaling=self.scaling,
+            seed=self.random_loc_seed,
+            init=self.init,
+            store_positions=self.store_positions,
+        )
+
+
+class FourierFTAdapter(Adapter):
+    """``y + x Delta W^T`` with Delta W = scaling * Re(IDFT2(F)); see ``FourierFT``."""
+
+    def __init__(
+        self,
+        base: nn.Module,
+        *,
+        n: int,
+        scaling: float,
+        seed: int,
+        init: str,
+        store_positions: bool,
+    ):
+        super().__init__()
+        self.shape = matrix_shape(base)
+        self.scaling = scaling
+        self.fan_in_fan_out = is_fan_in_fan_out(base)
+        device = base.weight.device
+        self.spectrum = nn.Parameter(torch.zeros(n, device=device, dtype=weight_dtype(base)))
+        if base.weight.is_meta:  # counting only: no permutation of d_out*d_in entries
+            positions = shape_only(2, n, dtype=torch.long)
+        else:
+            positions = frequency_positions(*self.shape, n, seed).to(device)
+        # The positions define the adapter; saved unless they come from a PEFT seed.
+        self.register_buffer("indices", positions, persistent=store_positions)
+        if init == "gaussian":
+            with torch.no_grad():
+                self.spectrum.normal_()
+
+    def delta_weight(self) -> torch.Tensor:
+        """scaling * Re(IDFT2(F)) as (d_out, d_in), computed in float32 (ifft2 needs it)."""
+        rows, cols = self.indices
+        dense = torch.zeros(self.shape, device=self.spectrum.device, dtype=torch.float32)
+        dense = dense.index_put((rows, cols), self.spectrum.float())
+        return torch.fft.ifft2(dense).real * self.scaling
+
+    def post(self, x: torch.Tensor, y: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        delta = self.delta_weight().to(self.spectrum.dtype)
+        return y + F.linear(x.to(delta.dtype), delta).to(y.dtype)
+
+    def merge(self, base: nn.Module) -> None:
+        add_to_weight(base, self.delta_weight())
+
+    def unmerge(self, base: nn.Module) -> None:
+        add_to_weight(base, -self.delta_weight())
+
+
+# --- SVFT and SVFit -------------------------------------------------------------------------
+
+SVFT_PATTERNS = ("plain", "banded", "random", "top_k")
+SAVED_PATTERNS = ("random", "top_k")  # not derivable from the shape alone
+
+
+def banded_positions(rank: int, band: int) -> torch.Tensor:
+    """(2, k) positions (i, j) of a rank x rank matrix with |i - j| <= band."""
+    rows, cols = [], []
+    for offset in range(-band, band + 1):
+        i = torch.arange(max(0, -offset), min(rank, rank - offset))
+        rows.append(i)
+        cols.append(i + offset)
+    return torch.stack([torch.cat(rows), torch.cat(cols)])
+
+
+def random_positions(rank: int, count: int, seed: int) -> torch.Tensor:
+    """``count`` distinct positions of a rank x rank matrix, seeded, in row-major order."""
+    generator = torch.Generator().manual_seed(seed)
+    flat = torch.randperm(rank * rank, generator=generator)[:count].sort().values
+    return torch.stack([flat // rank, flat % rank])
+
+
+def top_alignment_positions(u: torch.Tensor, vh: torch.Tensor, count: int) -> torch.Tensor:
+    """The ``count`` positions (i, j) with the largest singular-vector alignment |u_i . v_j|.
+
+    The absolute value is used because each singular pair's sign is arbitrary.
+    """
+    alignment = (u.T @ vh.T).abs()  # (rank, rank); needs d_out == d_in
+    flat = alignment.flatten().topk(count).indices.sort().values
+    rank = alignment.shape[0]
+    return torch.stack([flat // rank, flat % rank])
+
+
+def band_count(rank: int, band: int) -> int:
+    """Entries of a rank x rank band of half-width ``band``: r(2d+1) - d(d+1)."""
+    return rank * (2 * band + 1) - band * (band + 1)
+
+
+@register("svft", mergeable=True)
+@dataclass(frozen=True, kw_only=True)
+class SVFT(AdapterConfig):
+    """SVFT config (Lingam et al., 2024).
+
+    W0 = U S V^T (thin SVD, frozen) and W = W0 + U M V^T, M (r x r) sparse with trainable
+    values on a fixed pattern, r = min(d_out, d_in) (or ``rank``). With d = min(off_diag,
+    r - 1) the trainable count per matrix is
+
+        plain:  r                          (M diagonal)
+        banded: r(2d+1) - d(d+1)           (|i - j| <= d)
+        random: r(2d+1) - d(d+1)           (that many distinct positions, seeded)
+        top_k:  r(2d+1) - d(d+1)           (largest |u_i . v_j|; needs d_out == d_in)
+
+    so the three sparse patterns share the banded budget, as in the authors' code. M starts
+    at zero, so the model starts as the frozen one. (The authors' released code instead
+    draws M from a Kaiming normal times a learnable sigmoid gate, and samples the random
+    positions with replacement; here they are distinct, so each coefficient is its own.)
+
+    Args:
+        pattern: "plain", "banded", "random" or "top_k".
+        off_diag: d, the band half-width that sets the budget of the sparse patterns
+            (the paper's SVFT^B_d / SVFT^R_d / SVFT^T_d); 0 with "plain".
+        rank: use only the top-``rank`` singular vectors (None: all of them).
+        seed: seed of the random pattern.
+    """
+
+    pattern: str = "plain"
+    off_diag: int = 0
+    rank: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice(self, "pattern", SVFT_PATTERNS)
+        check_int(self, "off_diag", minimum=0)
+        check_int(self, "seed", minimum=0)
+        if self.rank is not None:
+            check_int(self, "rank")
+        if self.pattern == "plain" and self.off_diag != 0:
+            raise ConfigError(
+                f"SVFT(pattern='plain') trains the diagonal of M only, so off_diag must be 0, "
+                f"got {self.off_diag}; use pattern='banded' (or 'random', 'top_k') for "
+                "off-diagonal coefficients."
+            )
+
+    def unsupported_reason(self, module: nn.Module) -> str | None:
+        if not is_linear_like(module):
+            return f"SVFT wraps {LINEAR_LAYERS}"
+        d_out, d_in = matrix_shape(module)
+        if self.pattern == "top_k" and d_out != d_in:
+            return (
+                f"pattern='top_k' ranks the alignments u_i . v_j, defined only for square "
+                f"weights, but this one is {d_out}x{d_in}; use pattern='random' or 'banded'"
+            )
+        return None
+
+    def build(self, module: nn.Module, path: str) -> SingularVectorAdapter:
+        return SingularVectorAdapter(
+            module, pattern=self.pattern, off_diag=self.off_diag, rank=self.rank, seed=self.seed
+        )
+
+
+@register("svfit", mergeable=True)
+@dataclass(frozen=True, kw_only=True)
+class SVFit(AdapterConfig):
+    """SVFit config (Sun et al., 2024).
+
+    W0 = W_r + W_e with W_r = U_r diag(s_r) V_r^T the best rank-r approximation; only s_r
+    trains, U_r, V_r and the residual W_e stay frozen:
+
+        W = U_r diag(s_r + delta) V_r^T + W_e = W0 + U_r diag(delta) V_r^T,
+
+    implemented in the second form (delta starts at zero, so the model starts as the frozen
+    one; its gradient is that of s_r). r parameters per matrix. The paper keeps the top
+    singular values holding over 99% of the matrix's information; its budgets (16x fewer
+    than LoRA r=8, i.e. 768 per RoBERTa-base matrix) amount to all of them, hence
+    ``r=None`` (all, r = min(d_out, d_in)) by default. With all singular values this
+    coincides with SVFT(pattern="plain").
+
+    Args:
+        r: number of top singular values to train (None: all of them).
+    """
+
+    r: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.r is not None:
+            check_int(self, "r")
+
+    def unsupported_reason(self, module: nn.Module) -> str | None:
+        return None if is_linear_like(module) else f"SVFit wraps {LINEAR_LAYERS}"
+
+    def build(self, module: nn.Module, path: str) -> SingularVectorAdapter:
+        return SingularVectorAdapter(module, pattern="plain", off_diag=0, rank=self.r, seed=0)
+
+
+class SingularVectorAdapter(Adapter):
+    """``y + U M V^T x`` with M sparse over the base's own singular vectors (SVFT, SVFit)."""
+
+    def __init__(
+        self, base: nn.Module, *, pattern: str, off_diag: int, rank: int | None, seed: int
+    ):
+        super().__init__()
+        d_out, d_in = self.shape = matrix_shape(base)
+        self.rank = min(d_out, d_in) if rank is None else min(rank, d_out, d_in)
+        self.pattern = pattern
+        band = 0 if pattern == "plain" else min(off_diag, self.rank - 1)
+        self.diagonal = band == 0 and pattern in ("plain", "banded")
+        count = band_count(self.rank, band)
+        device = base.weight.device
+        self.coeffs = nn.Parameter(torch.zeros(count, device=device, dtype=weight_dtype(base)))
+        positions = self._initial_positions(band, count, seed).to(device)
+        self.register_buffer("positions", positions, persistent=pattern in SAVED_PATTERNS)
+        self.register_buffer("U", None, persistent=False)  # set in on_attach
+        self.register_buffer("Vh", None, persistent=False)
+
+    def _initial_positions(self, band: int, count: int, seed: int) -> torch.Tensor:
+        if self.pattern == "random":
+            return random_positions(self.rank, count, seed)
+        if self.pattern == "top_k":  # needs U, V: filled in on_attach
+            return torch.zeros(2, count, dtype=torch.long)
+        return banded_positions(self.rank, band)
+
+    def on_attach(self, base: nn.Module) -> None:
+        dtype = self.coeffs.dtype
+        if base.weight.is_meta:
+            self.U = shape_only(self.shape[0], self.rank, dtype=dtype)
+            self.Vh = shape_only(self.rank, self.shape[1], dtype=dtype)
+            return
+        with torch.no_grad():
+            u, vh = thin_svd(weight_matrix(base), self.rank)
+            self.U, self.Vh = u.to(dtype), vh.to(dtype)
+            if self.pattern == "top_k":
+                self.positions.copy_(top_alignment_positions(u, vh, self.coeffs.numel()))
+
+    def coefficient_matrix(self) -> torch.Tensor:
+        """M as a dense rank x rank matrix."""
+        m = self.coeffs.new_zeros(self.rank, self.rank)
+        return m.index_put(tuple(self.positions), self.coeffs, accumulate=True)
+
+    def post(self, x: torch.Tensor, y: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        h = F.linear(x.to(self.coeffs.dtype), self.Vh)  # V^T x, (..., rank)
+        if self.diagonal:
+            mixed = h * self.coeffs
+        else:  # sparse M h: O(k) per token instead of O(rank^2)
+            rows, cols = self.positions
+            mixed = torch.zeros_like(h).index_add(-1, rows, h[..., cols] * self.coeffs)
+        return y + F.linear(mixed, self.U).to(y.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.U @ self.coefficient_matrix() @ self.Vh
+
+    def merge(self, base: nn.Module) -> None:
+        add_to_weight(base, self.delta_weight())
+
+    def unmerge(self, base: nn.Module) -> None:
+        add_to_weight(base, -self.delta_weight())
+
+
+# --- SODA -------------------------------------------------------------------------------------
+
+SODA_DECOMPOSITIONS = ("svd", "lq")
+ORTHOGONAL_MAPS = ("cayley", "exp")
+
+
+def kronecker_sizes(n: int, factors: int) -> tuple[int, ...]:
+    """Split n into at most ``factors`` sizes whose product is n, as equal as divisibility
+    allows; sizes of 1 (identity factors) are dropped."""
+    sizes, rest = [], n
+    for left in range(factors, 1, -1):
+        target = int(rest ** (1 / left) + 1e-9)
+        size = max(d for d in range(1, target + 1) if rest % d == 0)
+        sizes.append(size)
+        rest //= size
+    sizes.append(rest)
+    return tuple(sorted(s for s in sizes if s > 1))
+
+
+def skew_symmetric(vector: torch.Tensor, size: int) -> torch.Tensor:
+    """The size x size matrix A = T - T^T with T's strict upper triangle = ``vector``."""
+    rows, cols = torch.triu_indices(size, size, 1, device=vector.device)
+    upper = vector.new_zeros(size, size).index_put((rows, cols), vector)
+    return upper - upper.T
+
+
+def orthogonal_factor(vector: torch.Tensor, size: int, how: str) -> torch.Tensor:
+    """An exactly orthogonal matrix from a skew-symmetric A: Cayley (I - A)^-1 (I + A), or
+    exp(A). Both are the identity at A = 0."""
+    a = skew_symmetric(vector, size)
+    if how == "exp":
+        return torch.linalg.matrix_exp(a)
+    eye = torch.eye(size, dtype=a.dtype, device=a.device)
+    return torch.linalg.solve(eye - a, eye + a)
+
+
+def rotate(matrix: torch.Tensor, factors: list[torch.Tensor], inverse: bool = False):
+    """``matrix @ (R_1 kron R_2 kron ...)`` (or its transpose) without forming the product:
+    each factor acts on its own axis of the (d_out, f_1, f_2, ...) reshaped matrix."""
+    d_out = matrix.shape[0]
+    t = matrix.reshape(d_out, *[f.shape[0] for f in factors])
+    for axis, factor in enumerate(factors, start=1):
+        step = factor.T if inverse else factor
+        t = torch.movedim(torch.tensordot(t, step, dims=([axis], [0])), -1, axis)
+    return t.reshape(d_out, -1)
+
+
+@register("soda", mergeable=True)
+@dataclass(frozen=True, kw_only=True)
+class SODA(AdapterConfig):
+    """SODA config (Zhang et al., WACV 2025, "Spectrum-Aware Parameter Efficient
+    Fine-Tuning for Diffusion Models").
+
+    The pretrained weight is split into spectrum and basis, W0 = W_spec W_basis (W_basis has
+    orthonormal rows); the spectrum gets a trainable shift Delta S and the basis a trainable
+    rotation R = R_1 kron R_2 kron ... (each R_i exactly orthogonal):
+
+        W = (W_spec + Delta S) W_basis R
+
+    * "svd": W0 = U S V^T, W_spec = U S, W_basis = V^T, W = U (S + diag(Delta s)) V^T R.
+    * "lq":  W0 = L Q (the QR of W0^T), W_spec = L lower-triangular, W_basis = Q; Delta s
+      shifts the diagonal of L: W = (L + diag(Delta s)) Q R.
+
+    R rotates the input-side basis. For a convolution the weight is the (out, in * k * k)
+    matrix, so R rotates the basis of the flattened receptive field. Delta s = 0 and R = I
+    at the start, so the model starts as the frozen one.
+
+    The paper keeps each R_i on the Stiefel manifold with a Stiefel optimizer; here each
+    R_i is parameterised through a skew-symmetric A_i (Cayley or matrix exponential), which
+    keeps it exactly orthogonal under any optimizer. Trainable count per matrix:
+    min(d_out, d_in) + sum_i f_i (f_i - 1) / 2, where f_i are the factor sizes
+    (``kronecker_sizes(d_in, kron_factors)``, product d_in).
+
+    Args:
+        decomposition: "svd" or "lq" (the paper's SODA-SVD and SODA-QR).
+        kron_factors: number of Kronecker factors of R (sizes as equal as d_in allows).
+        orthogonal: "cayley" or "exp", how each factor is made orthogonal.
+    """
+
+    decomposition: str = "svd"
+    kron_factors: int = 2
+    orthogonal: str = "cayley"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice(self, "decomposition", SODA_DECOMPOSITIONS)
+        check_int(self, "kron_factors")
+        check_choice(self, "orthogonal", ORTHOGONAL_MAPS)
+
+    def unsupported_reason(self, module: nn.Module) -> str | None:
+        if is_linear_like(module):
+            return None
+        if isinstance(module, CONV_TYPES):
+            if module.padding_mode != "zeros":
+                return "SODA on convolutions needs padding_mode='zeros'"
+            return None
+        return f"SODA wraps {LINEAR_LAYERS} and nn.Conv1d/2d/3d"
+
+    def build(self, module: nn.Module, path: str) -> SODAAdapter:
+        return SODAAdapter(
+            module,
+            decomposition=self.decomposition,
+            kron_factors=self.kron_factors,
+            orthogonal=self.orthogonal,
+        )
+
+
+class SODAAdapter(Adapter):
+    """Runs the base layer with W = (W0 + spectral shift) R; see ``SODA``."""
+
+    replaces_base = True
+
+    def __init__(self, base: nn.Module, *, decomposition: str, kron_factors: int, orthogonal: str):
+        super().__init__()
+        d_out, d_in = self.shape = matrix_shape(base)
+        self.rank = min(d_out, d_in)
+        self.decomposition, self.orthogonal = decomposition, orthogonal
+        self.sizes = kronecker_sizes(d_in, kron_factors)
+        opts = {"device": base.weight.device, "dtype": weight_dtype(base)}
+        self.shift = nn.Parameter(torch.zeros(self.rank, **opts))
+        self.skew = nn.ParameterList(
+            nn.Parameter(torch.zeros(f * (f - 1) // 2, **opts)) for f in self.sizes
+        )
+        self.register_buffer("U", None, persistent=False)  # svd only; set in on_attach
+        self.register_buffer("basis", None, persistent=False)  # V^T or Q: (rank, d_in)
+
+    def on_attach(self, base: nn.Module) -> None:
+        dtype = self.shift.dtype
+        (d_out, d_in), svd = self.shape, self.decomposition == "svd"
+        if base.weight.is_meta:
+            self.basis = shape_only(self.rank, d_in, dtype=dtype)
+            self.U = shape_only(d_out, self.rank, dtype=dtype) if svd else None
+            return
+        with torch.no_grad():
+            matrix = weight_matrix(base)
+            if svd:
+                u, vh = thin_svd(matrix, self.rank)
+                self.U, self.basis = u.to(dtype), vh.to(dtype)
+            else:
+                self.basis = thin_lq(matrix).to(dtype)
+
+    # -- the pieces of W = (W_spec + Delta S) W_basis R ----------------------------------
+
+    def spectral_shift(self) -> torch.Tensor:
+        """Delta S W_basis as (d_out, d_in): U diag(Delta s) V^T, or diag(Delta s) Q padded
+        to d_out rows (the shift sits on the diagonal of L)."""
+        shifted = self.shift[:, None] * self.basis
+        if self.U is not None:
+            return self.U @ shifted
+        return F.pad(shifted, (0, 0, 0, self.shape[0] - self.rank))
+
+    def rotation_factors(self) -> list[torch.Tensor]:
+        return [
+            orthogonal_factor(v, f, self.orthogonal)
+            for v, f in zip(self.skew, self.sizes, strict=True)
+        ]
+
+    def rotation(self) -> torch.Tensor:
+        """R as a dense d_in x d_in matrix (for inspection; the forward never forms it)."""
+        eye = torch.ones(1, 1, dtype=self.shift.dtype, device=self.shift.device)
+        return functools.reduce(torch.kron, self.rotation_factors(), eye)
+
+    def adapted_matrix(self, base: nn.Module) -> torch.Tensor:
+        w0 = weight_matrix(base).to(self.shift.dtype)
+        return rotate(w0 + self.spectral_shift(), self.rotation_factors())
+
+    # -- forward and merge -------------------------------------------------------------
+
+    def run_base(self, x: torch.Tensor, base: nn.Module, *args, **kwargs) -> torch.Tensor:
+        matrix = self.adapted_matrix(base).to(x.dtype)
+        bias = None if base.bias is None else base.bias.to(x.dtype)
+        if is_linear_like(base):
+            return F.linear(x, matrix, bias)
+        y = conv_forward(base, x, matrix.reshape(base.weight.shape))
+        return y if bias is None else y + bias.view(1, -1, *[1] * (y.dim() - 2))
+
+    def merge(self, base: nn.Module) -> None:
+        base.weight.data.copy_(in_weight_layout(base, self.adapted_matrix(base)))
+
+    def unmerge(self, base: nn.Module) -> None:
+        merged = weight_matrix(base).to(self.shift.dtype)
+        w0 = rotate(merged, self.rotation_factors(), inverse=True) - self.spectral_shift()
+        base.weight.data.copy_(in_weight_layout(base, w0))
+
+
+# --- HF PEFT spelling (FourierFT only: PEFT has no SVFT, SVFit or SODA) ------------------
+
+
+def _fourierft_from_peft(pc: dict) -> FourierFT:
+    seed = pc.get("random_loc_seed", 777)
+    if seed is None:
+        raise CheckpointError(
+            "this PEFT FourierFT adapter has random_loc_seed=None, so its frequency positions "
+            "cannot be re-derived; save it from PEFT with an integer random_loc_seed."
+        )
+    return FourierFT(
+        targets=pc["target_modules"],
+        exclude=pc.get("exclude_modules") or None,
+        modules_to_save=pc.get("modules_to_save") or None,
+        n_frequency=int(pc.get("n_frequency", 1000)),
+        scaling=float(pc.get("scaling", 150.0)),
+        random_loc_seed=int(seed),
+        init="zeros" if pc.get("init_weights") else "gaussian",
+        n_frequency_pattern=dict(pc.get("n_frequency_pattern") or {}),
+        store_positions=False,  # a PEFT folder defines the positions by the seed alone
+    )
+
+
+def _fourierft_to_peft(cfg: FourierFT, adapters: dict[str, FourierFTAdapter]) -> dict:
+    patterns = {}
+    for path, adapter in adapters.items():
+        n = adapter.spectrum.numel()
+        seeded = frequency_positions(*adapter.shape, n, cfg.random_loc_seed)
+        if not torch.equal(adapter.indices.cpu(), seeded):
+            raise CheckpointError(
+                f"{path}: this adapter's frequency positions are not the ones PEFT derives from "
+                f"random_loc_seed={cfg.random_loc_seed} (they came from a checkpoint made with "
+                "another seed), and a PEFT folder can only carry the seed; export the adapter "
+                "from a model whose config has the seed it was trained with."
+            )
+        if n != cfg.n_frequency:
+            patterns[path] = n  # PEFT falls back to an exact full-name lookup
+    return {
+        "n_frequency": cfg.n_frequency,
+        "scaling": cfg.scaling,
+        "random_loc_seed": cfg.random_loc_seed,
+        "n_frequency_pattern": patterns,
+        "fan_in_fan_out": any(a.fan_in_fan_out for a in adapters.values()),
+        "init_weights": cfg.init == "zeros",
+        "bias": "none",
+        "layers_to_transform": None,
+        "layers_pattern": None,
+    }
+
+
+register_peft_format(
+    PeftFormat(
+        peft_type="FOURIERFT",
+        method="fourierft",
+        tensor_names={"fourierft_spectrum": "spectrum"},
+        config_from_peft=_fourierft_from_peft,
+        config_to_peft=_fourierft_to_peft,
+        # PEFT FourierFT options omnipeft does not reproduce: refused, never ignored.
+        neutral={"bias": "none", "layers_to_transform": None, "layers_pattern": None},
+    )
+)
