@@ -86,7 +86,9 @@ def attach(model: nn.Module, name: str, cfg: AdapterConfig, adapters: dict[str, 
         module = getattr(parent, attr)
         if not isinstance(module, AdaptedModule):
             module = AdaptedModule(module)
+            module.train(module.base_layer.training)
             setattr(parent, attr, module)
+        adapter.train(module.base_layer.training)  # eval models keep adapter dropout off
         adapter.config = cfg
         adapter.path = path
         adapter.on_attach(module.base_layer)

@@ -14,6 +14,7 @@ weight and is skipped.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -92,8 +93,8 @@ class AdaptedModule(nn.Module):
         running = self.running()
         if not running:
             return self.base_layer(*args, **kwargs)
-        x, call = split_primary_input(args, kwargs)
-        h = x
+        call = PrimaryCall.split(args, kwargs)
+        h = call.x
         for adapter in running:
             h = adapter.pre(h)
         replacing = [a for a in running if a.replaces_base]
@@ -103,12 +104,11 @@ class AdaptedModule(nn.Module):
                 "layer and cannot run together on it; activate one of them."
             )
         if replacing:
-            adapter, base = replacing[0], self.base_layer
-            y = call(lambda h_, *a, **k: adapter.run_base(h_, base, *a, **k), h)
+            y = replacing[0].run_base(h, self.base_layer, *call.args, **call.kwargs)
         else:
-            y = call(self.base_layer, h)
+            y = call.run(self.base_layer, h)
         for adapter in running:
-            y = adapter.post(x, y, self.base_layer)
+            y = adapter.post(call.x, y, self.base_layer)
         return y
 
     def extra_repr(self) -> str:
@@ -120,19 +120,33 @@ class AdaptedModule(nn.Module):
 PRIMARY_INPUT_NAMES = ("hidden_states", "x", "input", "sample", "input_ids", "inputs_embeds")
 
 
-def split_primary_input(args: tuple, kwargs: dict) -> tuple[Any, Any]:
-    """Find the main input of a call and return it with a function that re-calls a module
-    with a replacement main input and the other arguments unchanged."""
-    if args:
-        return args[0], lambda fn, h: fn(h, *args[1:], **kwargs)
-    for key in PRIMARY_INPUT_NAMES:
-        if key in kwargs:
-            rest = {k: v for k, v in kwargs.items() if k != key}
-            return kwargs[key], lambda fn, h, key=key, rest=rest: fn(**{key: h}, **rest)
-    raise TypeError(
-        "an adapted module was called without a positional input or one of the keywords "
-        f"{PRIMARY_INPUT_NAMES}; adapt a module whose main input is one of these."
-    )
+@dataclass
+class PrimaryCall:
+    """One call of a wrapped module split into its main input and everything else."""
+
+    x: Any
+    args: tuple
+    kwargs: dict
+    key: str | None  # the keyword the main input came under, None if positional
+
+    @classmethod
+    def split(cls, args: tuple, kwargs: dict) -> PrimaryCall:
+        if args:
+            return cls(args[0], args[1:], kwargs, None)
+        for key in PRIMARY_INPUT_NAMES:
+            if key in kwargs:
+                rest = {k: v for k, v in kwargs.items() if k != key}
+                return cls(kwargs[key], (), rest, key)
+        raise TypeError(
+            "an adapted module was called without a positional input or one of the keywords "
+            f"{PRIMARY_INPUT_NAMES}; adapt a module whose main input is one of these."
+        )
+
+    def run(self, module: nn.Module, h: Any) -> Any:
+        """Call ``module`` as the original call was made, with ``h`` as the main input."""
+        if self.key is None:
+            return module(h, *self.args, **self.kwargs)
+        return module(**{self.key: h}, **self.kwargs)
 
 
 # --- views of common base layers as a 2-D weight ------------------------------------------

@@ -2,8 +2,8 @@
 
 A list entry matches a module whose full name equals it or ends with ``"." + entry``; a
 string is a regular expression that must match the whole name. Adapted modules count
-under their original name and are not searched inside, so adapter internals are never
-targets themselves.
+under their original name; their base's children stay visible, adapter internals never
+are targets.
 """
 
 from __future__ import annotations
@@ -19,14 +19,17 @@ from .layers import AdaptedModule
 
 
 def walk(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
-    """Yield (full name, module) for every module, seeing an AdaptedModule as its base."""
+    """Yield (full name, module) for every module under its original name.
+
+    An AdaptedModule stands at its base's name and its base's children follow under that
+    name (a wrapped block still exposes its layers), but adapter internals are skipped.
+    """
     for child_name, child in model._modules.items():
         if child is None:
             continue
         path = f"{prefix}.{child_name}" if prefix else child_name
         yield path, child
-        if not isinstance(child, AdaptedModule):
-            yield from walk(child, path)
+        yield from walk(child.base_layer if isinstance(child, AdaptedModule) else child, path)
 
 
 def adapted_modules(model: nn.Module) -> Iterator[tuple[str, AdaptedModule]]:
@@ -85,5 +88,7 @@ def find_targets(
 
 
 def split_parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
+    """The module holding ``path`` as a child (inside a wrapper: the wrapper's base)."""
     parent_path, _, attr = path.rpartition(".")
-    return (model.get_submodule(parent_path) if parent_path else model), attr
+    parent = model.get_submodule(parent_path) if parent_path else model
+    return base_of(parent), attr

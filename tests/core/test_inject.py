@@ -172,3 +172,49 @@ def test_wrapper_passes_keyword_inputs_and_extra_arguments():
     torch.testing.assert_close(wrapper(x, 2.0), want)
     with pytest.raises(TypeError, match="without a positional input"):
         wrapper(other=x)
+
+
+class _Doubling(core.layers.Adapter):
+    replaces_base = True
+
+    def run_base(self, x, base, *args, **kwargs):
+        return 2 * base(x, *args, **kwargs)
+
+
+def test_replacing_adapter_works_with_keyword_inputs():
+    block = _KeywordBlock()
+    wrapper = core.layers.AdaptedModule(block)
+    wrapper.adapters["twice"] = _Doubling()
+    wrapper.active = ["twice"]
+    x = torch.randn(2, 4)
+    want = 2 * block(x, 3.0)
+    torch.testing.assert_close(wrapper(hidden_states=x, scale=3.0), want)
+    torch.testing.assert_close(wrapper(x, scale=3.0), want)
+
+
+def test_layers_inside_a_wrapped_block_stay_targetable(vit):
+    x = torch.randn(2, 3, 32, 32)
+    core.inject(vit, core.Bottleneck(targets=["mlp"]), name="bottleneck")
+    core.inject(vit, core.LoRA(r=2, targets=["fc1"]), name="lora")
+    assert isinstance(vit.blocks[0].mlp, AdaptedModule)
+    assert isinstance(vit.blocks[0].mlp.base_layer.fc1, AdaptedModule)
+    assert core.adapter_names(vit) == ["bottleneck", "lora"]
+    core.set_active(vit, ["bottleneck", "lora"])
+    for name, p in vit.named_parameters():
+        if ".adapters." in name:
+            nn.init.normal_(p, std=0.1)
+    both = vit(x)
+    core.set_active(vit, ["bottleneck"])
+    assert not torch.allclose(vit(x), both)
+    core.set_active(vit, ["bottleneck", "lora"])
+    core.merge(vit, ["lora"])
+    torch.testing.assert_close(vit(x), both, atol=1e-5, rtol=1e-5)
+    core.unmerge(vit)
+    core.unload(vit)
+    assert isinstance(vit.blocks[0].mlp.fc1, nn.Linear)
+
+
+def test_injecting_into_an_eval_model_keeps_dropout_off(vit):
+    vit.eval()
+    core.inject(vit, core.LoRA(r=2, dropout=0.5, targets=["qkv"]))
+    assert not any(m.training for m in vit.modules())
