@@ -26,6 +26,7 @@ from .inject import (
 from .methods.bottleneck import AdapterBias, Bottleneck, Compacter
 from .methods.lora import LoRA
 from .methods.orthogonal import BOFT, OFT, QGOFT
+from .methods.prompts import VPT, ControlPrefix, LlamaAdapter, PrefixTuning, PromptTuning, control
 from .methods.scaling import IA3, SSF, BitFit, DiffFit, LNTuning
 from .methods.spectral import SODA, SVFT, FourierFT, SVFit
 from .registry import METHODS
@@ -40,6 +41,7 @@ __all__ = [
     "SODA",
     "SSF",
     "SVFT",
+    "VPT",
     "AdapterBias",
     "AdapterConfig",
     "BitFit",
@@ -47,18 +49,23 @@ __all__ = [
     "CheckpointError",
     "Compacter",
     "ConfigError",
+    "ControlPrefix",
     "DiffFit",
     "FourierFT",
     "LNTuning",
+    "LlamaAdapter",
     "LoRA",
     "SVFit",
     "MergeError",
     "OmniPeftError",
     "ParamReport",
+    "PrefixTuning",
+    "PromptTuning",
     "TargetError",
     "active_adapters",
     "adapter_names",
     "aux_loss",
+    "control",
     "delete_adapter",
     "inject",
     "interop",

@@ -1,3 +1,3 @@
 """Method families; importing this package registers every method in ``core.METHODS``."""
 
-from . import bottleneck, lora, orthogonal, scaling, spectral  # noqa: F401
+from . import bottleneck, lora, orthogonal, prompts, scaling, spectral  # noqa: F401
