@@ -20,7 +20,13 @@ import torch.nn as nn
 from .checkpoint import atomic_write, install
 from .errors import CheckpointError
 from .inject import adapter_config, adapter_names
-from .peft_format import MODULE_KEY_PREFIX, PEFT_FORMATS, PeftFormat, format_for_method
+from .peft_format import (
+    MODULE_KEY_PREFIX,
+    PEFT_FORMATS,
+    PeftFormat,
+    exact_names_regex,
+    format_for_method,
+)
 from .targeting import adapted_modules, find_targets, walk
 
 PREFIX = MODULE_KEY_PREFIX  # kept for callers of the old name
@@ -160,7 +166,7 @@ def save_peft(
         for module, adapter in adapters.items():
             for suffix, value in fmt.tensors_of(adapter).items():
                 tensors[f"{fmt.key_prefix}{module}.{suffix}"] = value
-        targeting = {"target_modules": sorted(adapters), "exclude_modules": None}
+        targeting = {"target_modules": exact_names_regex(adapters), "exclude_modules": None}
     saved = find_targets(model, cfg.modules_to_save) if cfg.modules_to_save else []
     for module, holder in saved:
         for key, value in holder.state_dict().items():

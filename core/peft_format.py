@@ -19,6 +19,7 @@ Two kinds of format exist:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -118,6 +119,12 @@ class PeftFormat:
             first.setdefault(ours, suffix)
         state = adapter.state_dict()
         return {suffix: state[ours] for ours, suffix in first.items() if ours in state}
+
+
+def exact_names_regex(names) -> str:
+    """A PEFT ``target_modules`` string matching exactly these full module names (a list
+    would be read as suffixes: "norm" also catches "attn.norm")."""
+    return "(?:" + "|".join(re.escape(n) for n in sorted(names)) + ")"
 
 
 PEFT_FORMATS: dict[str, PeftFormat] = {}

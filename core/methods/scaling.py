@@ -46,7 +46,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..config import AdapterConfig, _check_name_list, check_float
 from ..errors import CheckpointError, ConfigError, MergeError, TargetError
 from ..layers import Adapter, is_fan_in_fan_out
-from ..peft_format import PeftFormat, register_peft_format
+from ..peft_format import PeftFormat, exact_names_regex, register_peft_format
 from ..registry import register
 
 # --- where a layer keeps its features ---------------------------------------------------
@@ -770,18 +770,6 @@ class GammaAdapter(ScalingAdapter):
 # =========================================================================================
 
 
-def _exact_regex(paths: list[str]) -> str:
-    return "(?:" + "|".join(re.escape(p) for p in paths) + ")"
-
-
-def _peft_target_modules(adapters: dict[str, Adapter]) -> list[str] | str:
-    """The adapted modules for PEFT's ``target_modules``. PEFT reads a list entry as a name
-    or dotted suffix, so a top-level name such as "norm" would also catch every nested
-    "*.norm"; then an exact regex is written instead."""
-    paths = sorted(adapters)
-    return _exact_regex(paths) if any("." not in p for p in paths) else paths
-
-
 def _suffix_regex(entries: list[str]) -> str:
     """A full-match regex equal to PEFT's plain ``name.endswith(entry)`` list test."""
     return ".*(?:" + "|".join(re.escape(e) for e in entries) + ")"
@@ -806,7 +794,7 @@ def _peft_feedforward(adapters: dict[str, IA3Adapter]) -> list[str] | str:
     inputs = sorted(p for p, a in adapters.items() if a.input_side)
     outputs = [p for p, a in adapters.items() if not a.input_side]
     if any(p.endswith(i) for p in outputs for i in inputs):
-        return _exact_regex(inputs)
+        return exact_names_regex(inputs)
     return inputs
 
 
@@ -818,7 +806,6 @@ def _ia3_to_peft(cfg: IA3, adapters: dict[str, IA3Adapter]) -> dict:
                 "exported; drop the Conv1d layers from targets to export the rest."
             )
     return {
-        "target_modules": _peft_target_modules(adapters),
         "feedforward_modules": _peft_feedforward(adapters),
         "fan_in_fan_out": any(a.fan_in_fan_out for a in adapters.values()),
         "init_ia3_weights": True,
@@ -858,7 +845,7 @@ def _ln_from_peft(pc: dict) -> LNTuning:
 
 
 def _ln_to_peft(cfg: LNTuning, adapters: dict[str, NormAffineAdapter]) -> dict:
-    return {"target_modules": _peft_target_modules(adapters)}
+    return {}  # core.interop writes the exact target names
 
 
 def _ln_export(adapter: NormAffineAdapter) -> dict[str, torch.Tensor]:
