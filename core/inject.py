@@ -25,6 +25,11 @@ def check_adapter_name(name: str) -> None:
             f"adapter name {name!r} is not allowed: use letters, digits, '_' or '-' "
             "(no dots, not empty), e.g. name='style_a'."
         )
+    if hasattr(nn.ModuleDict, name):  # adapters live in a ModuleDict keyed by name
+        raise ConfigError(
+            f"adapter name {name!r} is taken by a torch.nn.Module attribute; pick another, "
+            f"e.g. name='{name}_adapter'."
+        )
 
 
 def adapter_names(model: nn.Module) -> list[str]:

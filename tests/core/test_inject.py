@@ -93,6 +93,8 @@ def test_same_name_twice_is_refused(vit):
         core.inject(vit, core.LoRA(targets=["fc1"]))
     with pytest.raises(core.ConfigError, match="not allowed"):
         core.inject(vit, core.LoRA(targets=["fc1"]), name="a.b")
+    with pytest.raises(core.ConfigError, match="torch.nn.Module attribute"):
+        core.inject(vit, core.LoRA(targets=["fc1"]), name="half")
 
 
 def test_delete_and_unload_restore_the_plain_model(vit):
