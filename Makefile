@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-omnipeft
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test lint format bench clean \
+.PHONY: setup demo test lint format bench clean demo-core \
 	demo-vision demo-diffusion demo-audio demo-medical demo-nlp
 
 setup: $(STAMP)
@@ -17,12 +17,16 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
+# The main job: the vision pipeline end to end on a VTAB-format task built from real
+# scanned digits (scikit-learn), LoRA on a small ViT, through the LightningCLI.
 demo: setup
-	$(PY) -m core.demo --backbone vit
+	$(PY) -m vision.demo
 
-# One demo per domain: until each domain's pipeline lands, the core demo on that
+# One demo per domain. Until a domain's pipeline lands, its demo is the core demo on that
 # domain's backbone family (a diffusers UNet, transformers AST, MONAI ViT, LLaMA).
 demo-vision: setup
+	$(PY) -m vision.demo
+demo-core: setup
 	$(PY) -m core.demo --backbone vit
 demo-diffusion: setup
 	$(PY) -m core.demo --backbone unet
@@ -45,7 +49,7 @@ test: lint
 	$(PY) -m pytest
 
 bench: setup
-	$(PY) -m bench
+	$(PY) -m bench --markdown bench/results.md
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +29,18 @@ from .targeting import adapted_modules, base_of, find_targets, walk
 
 FORMAT = "omnipeft.adapter"
 FORMAT_VERSION = 1
+# Checkpoints whose tensors are stored encoded (adapter.json "encoding": {"name": ...}), such
+# as core.compose.compress's ComPEFT files, carry this version, so that an omnipeft that
+# cannot decode them refuses them instead of misreading the stored tensors.
+ENCODED_FORMAT_VERSION = 2
 TENSORS = "adapter.safetensors"
 META = "adapter.json"
+
+# encoding name -> decode(metadata, stored tensors) -> the adapter's own tensors; filled by
+# the module that writes the encoding (core.compose registers "compeft").
+TENSOR_DECODERS: dict[
+    str, Callable[[dict[str, Any], dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+] = {}
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -129,10 +140,10 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
         ) from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{folder / META} is not an omnipeft adapter file (no format tag).")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
+    if meta.get("format_version", 0) > ENCODED_FORMAT_VERSION:
         raise CheckpointError(
             f"{folder} uses checkpoint format {meta['format_version']}, newer than this "
-            f"omnipeft reads ({FORMAT_VERSION}); upgrade omnipeft."
+            f"omnipeft reads ({ENCODED_FORMAT_VERSION}); upgrade omnipeft."
         )
     blob = (folder / TENSORS).read_bytes()
     if hashlib.sha256(blob).hexdigest() != meta.get("tensors_sha256"):
@@ -144,7 +155,30 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
         tensors = safetensors.torch.load(blob)
     except Exception as err:
         raise CheckpointError(f"{folder / TENSORS} cannot be read as safetensors: {err}") from None
-    return meta, tensors
+    return meta, _decoded(folder, meta, tensors)
+
+
+def _decoded(
+    folder: Path, meta: dict[str, Any], tensors: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The adapter's tensors from the stored ones (unchanged unless the file is encoded)."""
+    encoding = meta.get("encoding")
+    if encoding is None:
+        return tensors
+    name = encoding.get("name") if isinstance(encoding, dict) else None
+    decode = TENSOR_DECODERS.get(name)
+    if decode is None:
+        raise CheckpointError(
+            f"{folder} stores its tensors in the {name!r} encoding, which this omnipeft cannot "
+            f"decode (known: {sorted(TENSOR_DECODERS)}); import core.compose, which registers "
+            "'compeft', or upgrade omnipeft."
+        )
+    try:
+        return decode(meta, tensors)
+    except (KeyError, ValueError, RuntimeError, TypeError) as err:
+        raise CheckpointError(
+            f"{folder}: its {name} encoded tensors are inconsistent ({err}); the file is corrupt."
+        ) from None
 
 
 def _check_fingerprint(model: nn.Module, fingerprint: dict[str, Any]) -> dict[str, nn.Module]:

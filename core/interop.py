@@ -26,6 +26,7 @@ from .peft_format import (
     PeftFormat,
     exact_names_regex,
     format_for_method,
+    format_for_peft,
 )
 from .targeting import adapted_modules, find_targets, walk
 
@@ -59,13 +60,15 @@ def load_peft(
 ) -> nn.Module:
     """Load an HF PEFT adapter folder into omnipeft layers as adapter ``name``."""
     peft_config, raw = read_peft_folder(Path(path))
-    fmt = PEFT_FORMATS.get(peft_config.get("peft_type"))
+    fmt = format_for_peft(peft_config)
     if fmt is None:
         raise CheckpointError(
             f"PEFT type {peft_config.get('peft_type')!r} has no omnipeft import yet; "
             f"supported: {sorted(PEFT_FORMATS)}."
         )
     fmt.check_options(peft_config)
+    # Tensors PEFT saves once for the whole model (VeRA's shared projections).
+    shared = {k: raw.pop(k) for k in fmt.shared_keys if k in raw}
     present = dict(walk(model))
     tensors: dict[str, dict[str, torch.Tensor]] = {}  # module -> {our tensor name: tensor}
     if fmt.whole_model:
@@ -96,6 +99,8 @@ def load_peft(
             "load it into the model it was trained on."
         )
     bases = {p: getattr(present[p], "base_layer", present[p]) for p in tensors}
+    if fmt.check_shared is not None:
+        fmt.check_shared(cfg, shared, bases)
     for module, named in tensors.items():
         for ours, value in _converted(fmt, cfg, bases[module], named).items():
             flat[f"{module}.{ours}"] = value

@@ -7,6 +7,11 @@ parameters in AdamW, and makes every Lightning checkpoint adapter-only: a ``.ckp
 the adapter's tensors (and anything else trainable), never the frozen base weights, so
 ``build_model`` must rebuild the same base (pretrained weights, or a fixed seed).
 
+``method=None`` runs the baselines every PEFT table compares against: no adapter is
+injected and whatever ``build_model`` leaves trainable trains (everything: full
+fine-tuning; only the new head: a linear probe). Checkpoints then hold the trained
+tensors, and the export at fit end is ``trained.safetensors`` instead of an adapter folder.
+
 Hyperparameters hold the method as a plain ``{"class_path", "init_args"}`` dict, the
 form LightningCLI configs use, so checkpoints load with ``torch.load(weights_only=True)``
 and ``hparams.yaml`` is readable YAML.
@@ -14,6 +19,8 @@ and ``hparams.yaml`` is readable YAML.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import math
 from collections.abc import Mapping
 from functools import partial
@@ -24,7 +31,9 @@ import lightning
 import torch
 import torch.nn as nn
 
+from .checkpoint import atomic_write, read_checkpoint
 from .config import AdapterConfig
+from .controllers import ControllerSet
 from .errors import CheckpointError, ConfigError
 from .inject import adapter_config, aux_loss, inject
 from .registry import METHODS
@@ -34,7 +43,10 @@ from .targeting import adapted_modules, find_targets
 SCHEDULES = ("cosine", "constant")
 MethodArg = AdapterConfig | dict[str, Any]
 """How subclasses annotate ``method``: a config, or its ``{"class_path", "init_args"}`` dict."""
+METHODS_PACKAGE = "core.methods."
 MODEL_ATTR = "model"  # the backbone lives at ``self.model``: state keys start "model."
+TRAINED_FILE = "trained.safetensors"  # the export of a run without an adapter (method=None)
+TRAINED_FORMAT = "omnipeft.trained"
 
 try:  # LightningCLI: let `method: {class_path: core.LoRA, init_args: ...}` pick any method.
     from jsonargparse import set_parsing_settings
@@ -53,8 +65,7 @@ def method_spec(cfg: AdapterConfig) -> dict[str, Any]:
     return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": cfg.to_dict()}
 
 
-def _method_class(class_path: str) -> type[AdapterConfig]:
-    # Only registered methods resolve, so a checkpoint's hparams can never import code.
+def _registered_class(class_path: str) -> type[AdapterConfig] | None:
     import core
 
     for name, cls in METHODS.items():
@@ -63,6 +74,21 @@ def _method_class(class_path: str) -> type[AdapterConfig]:
             aliases.add(f"core.{cls.__qualname__}")
         if class_path in aliases:
             return cls
+    return None
+
+
+def _method_class(class_path: str) -> type[AdapterConfig]:
+    # Only registered methods resolve, so a checkpoint's hparams can never import arbitrary
+    # code; the one import allowed is omnipeft's own method module a path names
+    # ("core.methods.prompts.VPT" registers VPT by importing core.methods.prompts).
+    cls = _registered_class(class_path)
+    module, _, _ = class_path.rpartition(".")
+    if cls is None and module.startswith(METHODS_PACKAGE) and module.count(".") == 2:
+        with contextlib.suppress(ImportError):  # a misspelt module: the error below says so
+            importlib.import_module(module)
+        cls = _registered_class(class_path)
+    if cls is not None:
+        return cls
     known = sorted(f"{c.__module__}.{c.__qualname__}" for c in METHODS.values())
     raise ConfigError(
         f"method class_path {class_path!r} names no registered method; known: {known} "
@@ -114,7 +140,9 @@ class PeftModule(lightning.LightningModule):
 
     Args:
         method: the method config (e.g. ``core.LoRA(targets=["qkv"])``) or its
-            ``{"class_path", "init_args"}`` dict, as LightningCLI passes it.
+            ``{"class_path", "init_args"}`` dict, as LightningCLI passes it; None injects no
+            adapter and trains what ``build_model`` leaves trainable (full fine-tuning or a
+            linear probe, see the module docstring).
         adapter_name: name of the adapter injected, trained, saved and exported.
         lr: peak AdamW learning rate.
         weight_decay: AdamW weight decay, applied to matrices only (not to biases, norm
@@ -123,6 +151,10 @@ class PeftModule(lightning.LightningModule):
         warmup_steps: optimizer steps of linear warmup (0 for none).
         scheduler: "cosine" (decay to 0 over the run, needs max_steps or max_epochs) or
             "constant" (after warmup). Both step once per optimizer step.
+        init_adapter: an exported adapter folder (``core.save_adapter``; with method=None a
+            ``trained.safetensors`` file or its folder) whose values replace the fresh
+            adapter's after building: ``validate``/``test`` of a saved adapter, or a warm
+            start. Its method config must equal ``method``.
 
     Subclasses implement ``build_model`` and ``compute_loss``. Their own ``__init__``
     arguments are collected into ``self.hparams`` before ``build_model`` runs, so read them
@@ -136,24 +168,28 @@ class PeftModule(lightning.LightningModule):
 
     def __init__(
         self,
-        method: MethodArg,
+        method: MethodArg | None,
         adapter_name: str = "default",
         lr: float = 1e-3,
         weight_decay: float = 0.01,
         betas: tuple[float, float] = (0.9, 0.999),
         warmup_steps: int = 0,
         scheduler: str = "cosine",
+        init_adapter: str | Path | None = None,
     ) -> None:
         super().__init__()
-        self.method = method_from_spec(method)
+        self.method = None if method is None else method_from_spec(method)
         self.adapter_name = adapter_name
         _check_optim(lr, weight_decay, betas, warmup_steps, scheduler)
         # Collects this and every subclass __init__'s arguments (or LightningCLI's config);
         # then the method is replaced by its plain-dict form so no dataclass gets pickled.
         self.save_hyperparameters()
-        self.save_hyperparameters({"method": method_spec(self.method)})
+        self.save_hyperparameters({"method": self.method_spec()})
+        if init_adapter is not None:
+            self.save_hyperparameters({"init_adapter": str(init_adapter)})
         self.strict_loading = False  # checkpoints hold the adapter only
         self.exported_adapter: Path | None = None
+        self.controllers = ControllerSet()  # methods' training-time controllers, see on_fit_start
         self.model: nn.Module | None = None
         if not self.build_in_configure_model:
             self._build()
@@ -177,7 +213,15 @@ class PeftModule(lightning.LightningModule):
                 f"{type(self).__name__}.build_model() must return an nn.Module, "
                 f"got {type(model).__name__}."
             )
-        self.model = inject(model, self.method, name=self.adapter_name)
+        if self.method is not None:
+            model = inject(model, self.method, name=self.adapter_name)
+        self.model = model
+        if self.hparams.get("init_adapter"):
+            self.load_exported(self.hparams.init_adapter)
+
+    def method_spec(self) -> dict[str, Any] | None:
+        """The method as ``{"class_path", "init_args"}`` (None without an adapter)."""
+        return None if self.method is None else method_spec(self.method)
 
     def configure_model(self) -> None:
         if self.model is None:
@@ -274,6 +318,17 @@ class PeftModule(lightning.LightningModule):
             logger.log_metrics(
                 {"params_trainable": report.trainable, "params_total": report.total}, step=0
             )
+        steps = self.trainer.estimated_stepping_batches  # rank schedules need the run's length
+        self.controllers.attach(self.model, int(steps) if math.isfinite(steps) else None)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Gradients are complete: controllers (``core.controllers``) read them here."""
+        self.controllers.after_backward(self.model, self.trainer.global_step + 1)
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """The optimizer step, then the controllers' structural updates (e.g. rank masks)."""
+        super().optimizer_step(*args, **kwargs)
+        self.controllers.after_step(self.model)
 
     def set_train_mode(self) -> None:
         """``train()``, except norm layers whose running statistics the checkpoint omits.
@@ -291,23 +346,52 @@ class PeftModule(lightning.LightningModule):
                 module.eval()
 
     def export_adapter(self, path: str | Path) -> Path:
-        """Write the adapter as an omnipeft adapter folder (``core.save_adapter``)."""
+        """Write the adapter as an omnipeft adapter folder (``core.save_adapter``); without
+        an adapter (method=None), the trained tensors as ``<path>/trained.safetensors``."""
         from .checkpoint import save_adapter
 
+        if self.method is None:
+            return save_trained(self.model, self.adapter_state_dict(), path)
         return save_adapter(self.model, path, name=self.adapter_name)
 
+    def load_exported(self, path: str | Path) -> None:
+        """Load what ``export_adapter`` wrote into this module's model (see ``init_adapter``)."""
+        from .checkpoint import load_adapter
+
+        if self.method is None:
+            load_trained(self.model, path)
+            return
+        meta, _ = read_checkpoint(path)
+        saved = meta.get("config", {})
+        ours = self.method.to_dict()
+        differ = sorted(k for k in set(saved) | set(ours) if saved.get(k) != ours.get(k))
+        if meta.get("method") != self.method.method or differ:
+            detail = ", ".join(f"{k}: saved {saved.get(k)!r} vs {ours.get(k)!r}" for k in differ)
+            raise CheckpointError(
+                f"the adapter in {path} was trained as {meta.get('method')!r} with another "
+                f"config than this module's {self.method.method!r} ({detail}). Build the module "
+                "with the method config the adapter was trained with."
+            )
+        load_adapter(self.model, path, name=self.adapter_name, trainable=True)
+
     def on_train_end(self) -> None:
-        """Export the adapter to ``<log_dir or default_root_dir>/adapter`` (rank zero)."""
+        """Export the adapter to ``<log_dir or default_root_dir>/adapter`` (rank zero);
+        without an adapter, the trained tensors to ``.../trained/trained.safetensors``."""
         log_dir = self.trainer.log_dir or self.trainer.default_root_dir  # every rank calls it
         if self.trainer.is_global_zero:
-            self.exported_adapter = self.export_adapter(Path(log_dir) / "adapter")
-            self.print(f"adapter {self.adapter_name!r} exported to {self.exported_adapter}")
+            folder = "adapter" if self.method is not None else "trained"
+            self.exported_adapter = self.export_adapter(Path(log_dir) / folder)
+            self.print(f"{folder} exported to {self.exported_adapter}")
 
     # -- adapter-only Lightning checkpoints -----------------------------------------------
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """The part of ``self.state_dict()`` a checkpoint keeps: the adapter's tensors,
-        its ``modules_to_save`` and any other trainable parameter, under their real keys."""
+        its ``modules_to_save`` and any other trainable parameter, under their real keys.
+        Without an adapter: the trainable parameters and the buffers (e.g. BatchNorm
+        statistics) of the modules that train in full."""
+        if self.method is None:
+            return self._trained_state_dict()
         prefix, name = f"{MODEL_ATTR}.", self.adapter_name
         keep: set[str] = set()
         for path, wrapper in adapted_modules(self.model):
@@ -320,9 +404,19 @@ class PeftModule(lightning.LightningModule):
         keep.update(n for n, p in self.named_parameters() if p.requires_grad)
         return {k: v for k, v in self.state_dict().items() if k in keep}
 
+    def _trained_state_dict(self) -> dict[str, torch.Tensor]:
+        keep = {n for n, p in self.named_parameters() if p.requires_grad}
+        for name, module in self.named_modules():
+            params = list(module.parameters(recurse=False))
+            if params and all(p.requires_grad for p in params):
+                persistent = set(module._buffers) - module._non_persistent_buffers_set
+                keep.update(f"{name}.{b}" for b in persistent if module._buffers[b] is not None)
+        return {k: v for k, v in self.state_dict().items() if k in keep}
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"] = self.adapter_state_dict()
-        checkpoint["omnipeft"] = {"adapter_name": self.adapter_name, **method_spec(self.method)}
+        checkpoint["omnipeft"] = {"adapter_name": self.adapter_name, **(self.method_spec() or {})}
+        checkpoint["omnipeft_controllers"] = self.controllers.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Check the checkpoint fits before anything loads, then fill in the frozen base.
@@ -339,7 +433,8 @@ class PeftModule(lightning.LightningModule):
                 f"the checkpoint has {len(unknown)} tensor(s) this {type(self).__name__} does not: "
                 f"{unknown[:8]}{' ...' if len(unknown) > 8 else ''}. It was saved from another "
                 f"model, method config or adapter name (this module has adapter "
-                f"{self.adapter_name!r}, method {self.method.method!r}); build the module with "
+                f"{self.adapter_name!r}, method "
+                f"{self.method.method if self.method else None!r}); build the module with "
                 "the same arguments it was trained with."
             )
         wrong = [
@@ -355,6 +450,57 @@ class PeftModule(lightning.LightningModule):
                 + "\nIt was saved with another method config (e.g. rank) or adapter name."
             )
         checkpoint["state_dict"] = {**own, **state}
+        self.controllers.load_state_dict(checkpoint.get("omnipeft_controllers") or {})
+
+
+# --- the export of a run without an adapter ----------------------------------------------
+
+
+def save_trained(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> Path:
+    """Write ``state`` (keys under ``model.``) to ``<path>/trained.safetensors``, keyed by the
+    model's own state-dict names, atomically."""
+    import safetensors.torch
+
+    prefix = f"{MODEL_ATTR}."
+    tensors = {k.removeprefix(prefix): v.detach().contiguous().cpu() for k, v in state.items()}
+    if any(t.is_meta for t in tensors.values()):
+        raise CheckpointError("the model lives on the meta device; there is nothing to save.")
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    blob = safetensors.torch.save(tensors, metadata={"format": TRAINED_FORMAT})
+    atomic_write(folder / TRAINED_FILE, blob)
+    return folder
+
+
+def load_trained(model: nn.Module, path: str | Path) -> None:
+    """Load ``save_trained``'s file (or its folder) into ``model``; every tensor must exist
+    in the model with the same shape, else nothing changes and ``CheckpointError`` says why."""
+    import safetensors.torch
+
+    file = Path(path)
+    file = file / TRAINED_FILE if file.is_dir() else file
+    if not file.is_file():
+        raise CheckpointError(
+            f"{file} does not exist; give the {TRAINED_FILE} (or its folder) that a run "
+            "without an adapter exported at the end of fit."
+        )
+    tensors = safetensors.torch.load_file(str(file))
+    own = model.state_dict()
+    problems = [f"unexpected {k}" for k in sorted(tensors) if k not in own]
+    problems += [
+        f"{k}: file {list(v.shape)} vs model {list(own[k].shape)}"
+        for k, v in sorted(tensors.items())
+        if k in own and v.shape != own[k].shape
+    ]
+    if problems:
+        raise CheckpointError(
+            f"{file} does not fit this model:\n  "
+            + "\n  ".join(problems[:8])
+            + "\nLoad it into the backbone it was trained from."
+        )
+    with torch.no_grad():
+        for key, value in tensors.items():
+            own[key].copy_(value.to(own[key].dtype))
 
 
 def _check_optim(
@@ -375,4 +521,12 @@ def _check_optim(
         raise ConfigError("PeftModule optimizer settings: " + "; ".join(problems) + ".")
 
 
-__all__ = ["MethodArg", "PeftModule", "lr_factor", "method_from_spec", "method_spec"]
+__all__ = [
+    "MethodArg",
+    "PeftModule",
+    "load_trained",
+    "lr_factor",
+    "method_from_spec",
+    "method_spec",
+    "save_trained",
+]

@@ -15,6 +15,14 @@ Two kinds of format exist:
   and a config that names no target modules. ``import_model`` and ``export_model`` then
   replace the per-module mapping: they receive the model and decide which module the
   adapter wraps and how the tensors map onto it.
+
+Several omnipeft methods may share one ``peft_type`` (PEFT spells weight-decomposed DoRA
+as LORA with ``use_dora=True``): each format then says which PEFT configs it reads with
+``matches``. ``format_for_peft`` picks the format for a PEFT config (formats with a
+``matches`` first, in registration order, then the one without: the fallback), and
+``PEFT_FORMATS[peft_type]`` is a format that dispatches the same way, so callers that look
+a format up by type alone keep working. A format whose ``matches`` refuses every config
+(e.g. DyLoRA, exported as the plain LoRA it truncates to) only writes.
 """
 
 from __future__ import annotations
@@ -71,6 +79,12 @@ class PeftFormat:
         import_model / export_model: whole-model formats (see the module docstring); when
             set they replace ``tensor_names`` and ``config_from_peft`` / ``config_to_peft``.
         key_prefix: how PEFT roots module keys (modules_to_save) in this format's files.
+        matches: (PEFT config) -> whether this format reads it, for a ``peft_type`` that
+            several formats share; None: the fallback for that type.
+        shared_keys: PEFT keys of tensors saved once for the whole model beside per-module
+            ones (VeRA's ``base_model.vera_A``); ``check_shared`` (config, {key: tensor},
+            {module path: base module}) raises ``CheckpointError`` when omnipeft cannot
+            reproduce them (importers pop these keys before the per-module mapping).
     """
 
     peft_type: str
@@ -87,6 +101,11 @@ class PeftFormat:
     import_model: ModelImport | None = None
     export_model: ModelExport | None = None
     key_prefix: str = MODULE_KEY_PREFIX
+    matches: Callable[[dict[str, Any]], bool] | None = None
+    shared_keys: tuple[str, ...] = ()
+    check_shared: (
+        Callable[[AdapterConfig, dict[str, torch.Tensor], dict[str, nn.Module]], None] | None
+    ) = None
 
     def __post_init__(self) -> None:
         per_module = self.config_from_peft is not None and self.config_to_peft is not None
@@ -127,20 +146,92 @@ def exact_names_regex(names) -> str:
     return "(?:" + "|".join(re.escape(n) for n in sorted(names)) + ")"
 
 
-PEFT_FORMATS: dict[str, PeftFormat] = {}
+PEFT_FORMATS: dict[str, PeftFormat] = {}  # peft_type -> its format (dispatching if shared)
+_BY_TYPE: dict[str, list[PeftFormat]] = {}  # peft_type -> every format, in registration order
 
 
 def register_peft_format(fmt: PeftFormat) -> PeftFormat:
-    PEFT_FORMATS[fmt.peft_type] = fmt
+    """Record ``fmt``; registering a method again replaces its earlier format."""
+    formats = [f for f in _BY_TYPE.get(fmt.peft_type, []) if f.method != fmt.method]
+    formats.append(fmt)
+    if len(formats) > 1 and any(f.whole_model or f.import_tensors for f in formats):
+        raise TypeError(
+            f"PEFT type {fmt.peft_type!r} is shared by {[f.method for f in formats]}; shared "
+            "types are dispatched per config, which whole-model formats and import_tensors "
+            "(called without a config) do not support."
+        )
+    _BY_TYPE[fmt.peft_type] = formats
+    PEFT_FORMATS[fmt.peft_type] = formats[0] if len(formats) == 1 else _dispatcher(formats)
     return fmt
 
 
-def format_for_method(method: str) -> PeftFormat:
-    for fmt in PEFT_FORMATS.values():
-        if fmt.method == method:
+def format_for_peft(peft_config: dict[str, Any]) -> PeftFormat | None:
+    """The format that reads this PEFT config, or None when omnipeft has none."""
+    formats = _BY_TYPE.get(peft_config.get("peft_type"), [])
+    for fmt in formats:
+        if fmt.matches is not None and fmt.matches(peft_config):
             return fmt
+    return next((f for f in formats if f.matches is None), None)
+
+
+def _pick(peft_type: str, peft_config: dict[str, Any]) -> PeftFormat:
+    fmt = format_for_peft(peft_config)
+    if fmt is None:
+        raise CheckpointError(
+            f"this PEFT {peft_type} adapter uses options no omnipeft method reads "
+            f"(formats for {peft_type}: {[f.method for f in _BY_TYPE[peft_type]]})."
+        )
+    return fmt
+
+
+def _by_method(peft_type: str, method: str) -> PeftFormat:
+    return next(f for f in _BY_TYPE[peft_type] if f.method == method)
+
+
+@dataclass(frozen=True)
+class _DispatchingFormat(PeftFormat):
+    """Several formats behind one ``peft_type``: config-level calls go to the format that
+    ``format_for_peft`` picks, tensor-level calls to the format of the built config."""
+
+    def check_options(self, peft_config: dict[str, Any]) -> None:
+        _pick(self.peft_type, peft_config).check_options(peft_config)
+
+
+def _dispatcher(formats: list[PeftFormat]) -> PeftFormat:
+    peft_type = formats[0].peft_type
+    names: dict[str, str] = {}
+    for fmt in formats:  # suffixes of every variant (they must agree where they overlap)
+        for suffix, ours in fmt.tensor_names.items():
+            names.setdefault(suffix, ours)
+
+    def config_from_peft(pc: dict[str, Any]) -> AdapterConfig:
+        return _pick(peft_type, pc).config_from_peft(pc)
+
+    def config_to_peft(cfg: AdapterConfig, adapters: dict[str, Adapter]) -> dict[str, Any]:
+        return _by_method(peft_type, cfg.method).config_to_peft(cfg, adapters)
+
+    def import_tensor(cfg: AdapterConfig, ours: str, value: torch.Tensor) -> torch.Tensor:
+        hook = _by_method(peft_type, cfg.method).import_tensor
+        return value if hook is None else hook(cfg, ours, value)
+
+    return _DispatchingFormat(
+        peft_type=peft_type,
+        method=formats[0].method,
+        tensor_names=names,
+        config_from_peft=config_from_peft,
+        config_to_peft=config_to_peft,
+        import_tensor=import_tensor,
+        key_prefix=formats[0].key_prefix,
+    )
+
+
+def format_for_method(method: str) -> PeftFormat:
+    for formats in _BY_TYPE.values():
+        for fmt in formats:
+            if fmt.method == method:
+                return fmt
+    known = sorted(f.method for formats in _BY_TYPE.values() for f in formats)
     raise CheckpointError(
         f"PEFT export is not available for method {method!r}: HF PEFT has no equivalent "
-        f"that omnipeft maps. Methods with a PEFT format: "
-        f"{sorted(f.method for f in PEFT_FORMATS.values())}."
+        f"that omnipeft maps. Methods with a PEFT format: {known}."
     )

@@ -27,6 +27,14 @@ main input and ``h = block(x)`` its output:
 * AdapterBias (Fu et al., 2022, "AdapterBias: Parameter-efficient Token-dependent
   Representation Shift for Adapters in NLP Tasks"): a shift vector v in R^d weighted per
   token by a linear layer L_alpha: R^{d_in} -> R, ``h_i <- h_i + L_alpha(x_i) v``.
+* Routing functions (Qu et al., 2024, "Introducing Routing Functions to Vision-Language
+  Parameter-Efficient Fine-Tuning with Low-Rank Bottlenecks"): for vision-language
+  tasks, the bottleneck representation of the text tokens is routed by the visual
+  features passed through the same W_down, before the activation; no new parameters.
+  With t = W_down z (text tokens, (L_t, m)) and v = W_down z_v (visual tokens, (L_v, m)):
+  ``t v^T v`` (the paper's main form), the same with ReLU on t and v^T, ``t * v`` or
+  ``t + v``. ``Bottleneck(routing=...)`` picks one; ``routing_features(model, visual)``
+  supplies the visual features for a forward.
 * Compacter / PHM-Adapter (Karimi Mahabadi et al., 2021, "Compacter: Efficient Low-Rank
   Hypercomplex Adapter Layers"): the bottleneck's two projections are
   parameterised hypercomplex multiplication (PHM) layers
@@ -45,6 +53,7 @@ Placement presets per model family: ``placement_targets(site, family)`` and
 
 from __future__ import annotations
 
+import contextlib
 import math
 import weakref
 from collections.abc import Iterator
@@ -59,8 +68,10 @@ from ..config import AdapterConfig, check_choice, check_float, check_int
 from ..errors import ConfigError
 from ..layers import AdaptedModule, Adapter, is_fan_in_fan_out
 from ..registry import register
+from ..targeting import adapted_modules
 
 MODES = ("sequential", "parallel")
+ROUTINGS = ("xt_xvT_xv", "xt_xvT_xv_relu", "xt_mul_xv", "xt_add_xv")
 INITS = ("zero_up", "near_identity")
 ACTIVATIONS = {
     "relu": F.relu,
@@ -269,6 +280,12 @@ class Bottleneck(BlockConfig):
             frozen one. "near_identity": Houlsby's init, every weight ~ N(0, 1e-2^2)
             truncated at two standard deviations, biases zero, so it starts near (not at)
             the identity.
+        routing: None (default) or a routing function of Qu et al. (module docstring),
+            applied between W_down and the activation, ``W_up f(R(t, v))``:
+            "xt_xvT_xv" (t v^T v), "xt_xvT_xv_relu" (relu(t) relu(v)^T v), "xt_mul_xv"
+            (t * v) or "xt_add_xv" (t + v). The visual tokens v come from
+            ``routing_features``; the element-wise forms average them over their tokens
+            unless their count matches the text's or is 1. No extra parameters.
 
     Houlsby et al. also train the base model's LayerNorms; add them with
     ``modules_to_save`` if wanted. Presets: ``Bottleneck.preset("houlsby", "timm_vit")``.
@@ -281,6 +298,7 @@ class Bottleneck(BlockConfig):
     activation: str = "relu"
     layer_norm: bool = False
     init: str = "zero_up"
+    routing: str | None = None
 
     DEFAULT_REDUCTION: ClassVar[float] = 16.0
 
@@ -291,6 +309,8 @@ class Bottleneck(BlockConfig):
         check_float(self, "scale", low=0.0, low_open=True)
         check_choice(self, "activation", tuple(ACTIVATIONS))
         check_choice(self, "init", INITS)
+        if self.routing is not None:
+            check_choice(self, "routing", ROUTINGS)
         if not isinstance(self.layer_norm, bool):
             raise ConfigError(
                 f"{type(self).__name__}.layer_norm must be True or False, got {self.layer_norm!r}."
@@ -399,6 +419,11 @@ class Compacter(Bottleneck):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_int(self, "n", minimum=2)
+        if self.routing is not None:
+            raise ConfigError(
+                "Compacter does not take routing; routing functions are an option of "
+                "Bottleneck (core.methods.bottleneck.Bottleneck(routing=...))."
+            )
         if self.rank is not None:
             check_int(self, "rank")
 
@@ -524,7 +549,24 @@ class BottleneckAdapter(BlockAdapter):
             nn.init.zeros_(self.up.bias)
 
     def bottleneck_path(self, z: torch.Tensor) -> torch.Tensor:
-        return self.up(self.act(self.down(z)))
+        t = self.down(z)
+        if self.config.routing is not None:
+            t = route_bottleneck(self.config.routing, t, self.down(self.visual_input(z)))
+        return self.up(self.act(t))
+
+    def visual_input(self, z: torch.Tensor) -> torch.Tensor:
+        """The visual features set by ``routing_features``, normalised like z."""
+        visual = getattr(self, "visual", None)
+        if visual is None:
+            raise RuntimeError(
+                f"the bottleneck adapter at {getattr(self, 'path', '?')} routes by visual "
+                "features (routing="
+                f"{self.config.routing!r}); run the model inside "
+                "core.methods.bottleneck.routing_features(model, visual)."
+            )
+        self.check_features(visual, z.shape[-1], "visual features")
+        visual = visual.to(device=z.device, dtype=z.dtype)
+        return visual if self.norm is None else self.norm(visual)
 
     def adapt(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         z = x if self.parallel else h
@@ -542,6 +584,44 @@ class BottleneckAdapter(BlockAdapter):
     @property
     def dtype(self) -> torch.dtype:
         return self.up.bias.dtype
+
+
+def route_bottleneck(kind: str, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """A routing function of Qu et al. on down-projected text tokens t (B, L_t, m) and
+    visual tokens v (B, L_v, m); see ``Bottleneck.routing``."""
+    if kind in ("xt_xvT_xv", "xt_xvT_xv_relu"):
+        if t.dim() != 3 or v.dim() != 3:
+            raise RuntimeError(
+                f"routing {kind!r} multiplies token matrices: text and visual hidden states "
+                f"must be (batch, tokens, features), got {tuple(t.shape)} and {tuple(v.shape)}."
+            )
+        left, right = (F.relu(t), F.relu(v)) if kind.endswith("relu") else (t, v)
+        return left @ right.transpose(-1, -2) @ v
+    if v.dim() >= 2 and v.shape[-2] not in (1, t.shape[-2]):
+        v = v.mean(dim=-2, keepdim=True)  # pooled visual features for element-wise routing
+    return t * v if kind == "xt_mul_xv" else t + v
+
+
+@contextlib.contextmanager
+def routing_features(model: nn.Module, visual: torch.Tensor):
+    """Supply the visual features that routing bottleneck adapters route by, for the
+    forwards run inside this block (e.g. a vision encoder's output projected to the text
+    model's width, (batch, visual tokens, features))."""
+    routed = [
+        adapter
+        for _, wrapper in adapted_modules(model)
+        for adapter in wrapper.adapters.values()
+        if isinstance(adapter, BottleneckAdapter) and adapter.config.routing is not None
+    ]
+    if not routed:
+        raise ValueError("the model has no bottleneck adapter with routing to give features to.")
+    for adapter in routed:
+        adapter.visual = visual
+    try:
+        yield
+    finally:
+        for adapter in routed:
+            adapter.visual = None
 
 
 class AdapterBiasAdapter(BlockAdapter):
@@ -703,4 +783,6 @@ __all__ = [
     "PHMLinear",
     "block_sizes",
     "placement_targets",
+    "route_bottleneck",
+    "routing_features",
 ]

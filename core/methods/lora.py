@@ -180,6 +180,12 @@ class LoRAAdapter(Adapter):
 
     # -- forward and merge --------------------------------------------------------------
 
+    def lowrank_factors(self):
+        """Linear layers take the wrapper's fused path (``core.kernels.lora_linear``)."""
+        if self.kind != "linear":
+            return None
+        return self.A, self.B, self.scale, self.dropout
+
     def post(self, x: torch.Tensor, y: torch.Tensor, base: nn.Module) -> torch.Tensor:
         if self.kind == "embedding":
             rows = F.embedding(x, self.A.T, padding_idx=base.padding_idx)
@@ -187,11 +193,22 @@ class LoRAAdapter(Adapter):
         else:
             h = self.dropout(x.to(self.A.dtype))
             if self.kind == "linear":
-                update = F.linear(F.linear(h, self.A), self.B)
-            else:
-                update = conv_forward(base, h, self.A, groups=1)
-                update = conv_forward(base, update, self.B, stride=1, padding=0, dilation=1)
+                return self._add_linear_update(F.linear(h, self.A), y)
+            update = conv_forward(base, h, self.A, groups=1)
+            update = conv_forward(base, update, self.B, stride=1, padding=0, dilation=1)
         return torch.add(y, update.to(y.dtype), alpha=self.scale)
+
+    def _add_linear_update(self, xa: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y + scale * xa B^T as one GEMM onto y (in place when no graph is recorded), not
+        a separate update tensor added in a second pass. (Stacked with other adapters; a
+        LoRA alone on a linear layer takes the fused path.)"""
+        if y.dtype != xa.dtype:  # float32 adapter on a half base: add in y's dtype
+            return torch.add(y, F.linear(xa, self.B).to(y.dtype), alpha=self.scale)
+        xa2, y2 = xa.reshape(-1, self.r), y.reshape(-1, y.shape[-1])
+        if not torch.is_grad_enabled() and y.is_contiguous():
+            y2.addmm_(xa2, self.B.t(), alpha=self.scale)
+            return y
+        return torch.addmm(y2, xa2, self.B.t(), alpha=self.scale).view(y.shape)
 
     def delta_weight(self) -> torch.Tensor:
         """scale * B A in the base weight's own layout."""

@@ -9,6 +9,19 @@ OFT) does not grow with the number of tokens, no activation is touched twice, an
 writes exactly the weight the forward used. T starts as the identity, so every method starts
 as the frozen model.
 
+Training is the exception for OFT on linear layers: there the weight side needs the weight
+gradient's GEMM, dW' = dy^T x, as large as the layer's own. OFT then computes the same
+function on the activations, y = W (R^T x) + b (one block-diagonal pass over the inputs
+forward, two backward), as HF PEFT's OFT does; measured on CPU that is the cheaper one.
+BOFT keeps the weight side in training too: its output scale would keep an extra
+activation for its gradient, and m >= 2 factors cost m passes each way. A weight-side layer
+in training recomputes W' in its backward instead of keeping it (one small block product),
+so a step holds no weight-sized tensor per layer.
+
+The Cayley blocks and the block-diagonal / butterfly products run through
+``core.kernels`` (``cayley``, ``block_apply``, ``butterfly_apply``): Triton kernels on CUDA,
+their torch twins elsewhere; no dense d x d matrix is formed on either path.
+
 OFT (Qiu et al., NeurIPS 2023, "Controlling Text-to-Image Diffusion by Orthogonal
 Finetuning"): T = R = diag(R_1, ..., R_r), r blocks of size b (r * b = d). Each block is the
 Cayley transform of a skew-symmetric S_i built from its strictly upper triangle (b(b-1)/2
@@ -70,6 +83,8 @@ import torch.nn.functional as F
 
 from ..config import AdapterConfig, check_float, check_int
 from ..errors import CheckpointError, ConfigError, MergeError
+from ..kernels import block_apply, butterfly_apply, cayley
+from ..kernels.orthogonal import skew_from_upper
 from ..layers import Adapter, conv_forward, is_fan_in_fan_out, weight_dtype
 from ..peft_format import PeftFormat, register_peft_format
 from ..registry import register
@@ -147,23 +162,9 @@ def upper_indices(b: int, device: torch.device) -> tuple[torch.Tensor, torch.Ten
     return rows, cols
 
 
-def skew_from_upper(upper: torch.Tensor, b: int) -> torch.Tensor:
-    """(..., b(b-1)/2) strictly upper triangles -> (..., b, b) skew-symmetric matrices."""
-    rows, cols = upper_indices(b, upper.device)
-    skew = upper.new_zeros(*upper.shape[:-1], b, b)
-    skew[..., rows, cols] = upper
-    return skew - skew.transpose(-1, -2)
-
-
 def upper_from_skew(skew: torch.Tensor) -> torch.Tensor:
     rows, cols = upper_indices(skew.shape[-1], skew.device)
     return skew[..., rows, cols]
-
-
-def cayley(skew: torch.Tensor) -> torch.Tensor:
-    """(I - S)(I + S)^{-1}, exactly orthogonal for skew-symmetric S (the two factors commute)."""
-    eye = torch.eye(skew.shape[-1], dtype=skew.dtype, device=skew.device)
-    return torch.linalg.solve(eye + skew, eye - skew)
 
 
 def cayley_neumann(skew: torch.Tensor, terms: int) -> torch.Tensor:
@@ -171,7 +172,8 @@ def cayley_neumann(skew: torch.Tensor, terms: int) -> torch.Tensor:
 
     It expands (I + S)(I - S)^{-1} = I + 2 sum_k S^k as I + 2 (S + ... + S^(t-1)) + S^t with
     t = max(3, terms - 1), so terms=3 and 4 give the same series, and it approximates the
-    transpose of ``cayley(S)``. It is not exactly orthogonal.
+    transpose of the exact Cayley transform (I - S)(I + S)^{-1}. It is not exactly
+    orthogonal.
     """
     eye = torch.eye(skew.shape[-1], dtype=skew.dtype, device=skew.device)
     if terms == 2:
@@ -196,13 +198,6 @@ def identity_dropout(blocks: torch.Tensor, p: float) -> torch.Tensor:
     mask[factor, torch.randperm(n, device=blocks.device)[:count]] = 1.0
     eye = torch.eye(b, dtype=blocks.dtype, device=blocks.device)
     return blocks * (1 - mask) + eye * mask
-
-
-def apply_blocks(rows: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-    """Each row w -> diag(blocks) w, blocks (n, b, b) along the last dimension."""
-    out, d = rows.shape
-    n, b, _ = blocks.shape
-    return torch.einsum("nck,onk->onc", blocks, rows.reshape(out, n, b)).reshape(out, d)
 
 
 # --- butterfly permutations as index gathers -------------------------------------------
@@ -232,18 +227,6 @@ def chain_gathers(perms: list[torch.Tensor]) -> list[torch.Tensor | None]:
     gathers.append(previous)
     d = len(perms[0])
     return [None if torch.equal(g, torch.arange(d)) else g for g in gathers]
-
-
-def apply_butterfly(
-    rows: torch.Tensor, factors: list[torch.Tensor], gathers: list[torch.Tensor | None]
-) -> torch.Tensor:
-    for gather, blocks in zip(gathers, factors, strict=False):
-        if gather is not None:
-            rows = rows.index_select(1, gather)
-        rows = apply_blocks(rows, blocks)
-    if gathers[-1] is not None:
-        rows = rows.index_select(1, gathers[-1])
-    return rows
 
 
 # --- Givens stages ---------------------------------------------------------------------
@@ -314,10 +297,43 @@ class RowTransformAdapter(Adapter):
             rows = rows / scale[:, None]
         return self.rotate(rows, inverse=True)
 
+    def rotate_inputs(self, rows: torch.Tensor, train: bool = False) -> torch.Tensor | None:
+        """Each row v -> T^T v, or None when the subclass transforms weights only. Then
+        y = W (T^T x) + b is computed on the activations: used in training, where the
+        weight side would need the weight gradient's GEMM (dy^T x) that this avoids."""
+        return None
+
+    def run_on_inputs(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor | None:
+        if self.out_scale is not None:  # scaling outputs would keep an extra activation
+            return None
+        dtype = next(self.parameters()).dtype
+        h = self.rotate_inputs(x.reshape(-1, self.d).to(dtype), train=self.training)
+        if h is None:
+            return None
+        weight = weight_rows(base)
+        y = F.linear(h.to(weight.dtype), weight, base.bias)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
     def run_base(self, x: torch.Tensor, base: nn.Module, *args: Any, **kwargs: Any):
         self.before_use()
-        rows = self.transformed_rows(base, train=self.training)
-        return run_with_rows(base, x, rows.to(base.weight.dtype))
+        if torch.is_grad_enabled() and layer_kind(base) == "linear":
+            y = self.run_on_inputs(x, base)
+            if y is not None:
+                return y
+        train = self.training
+        rows = self.transformed_rows(base, train=train).to(base.weight.dtype)
+        random = train and getattr(self, "dropout_p", 0.0) > 0  # module dropout
+        if not torch.is_grad_enabled() or random or layer_kind(base) != "linear":
+            return run_with_rows(base, x, rows)
+
+        # The layer's backward needs W' for dx. Rather than keep a weight-sized tensor per
+        # layer until the backward (HF PEFT's input-side OFT keeps none), it is recomputed
+        # there from the parameters: a few small block products, no GEMM over the tokens.
+        def recompute() -> torch.Tensor:
+            with torch.no_grad():
+                return self.transformed_rows(base).to(base.weight.dtype)
+
+        return LinearWithRecomputedWeight.apply(x, rows, base.bias, recompute)
 
     def merge(self, base: nn.Module) -> None:
         self.before_use()
@@ -333,6 +349,30 @@ class RowTransformAdapter(Adapter):
     def matrix(self) -> torch.Tensor:
         """The dense d x d input transform T (for inspection and tests; O(d^2) memory)."""
         return self.rotate(self.identity_rows()).T
+
+
+class LinearWithRecomputedWeight(torch.autograd.Function):
+    """``F.linear(x, rows, bias)`` whose backward recomputes ``rows`` for dx instead of
+    keeping it: only x is saved; d(rows) = dy^T x flows on into the transform's graph."""
+
+    @staticmethod
+    def forward(ctx, x, rows, bias, recompute):
+        ctx.recompute, ctx.has_bias = recompute, bias is not None
+        ctx.save_for_backward(x)
+        return F.linear(x, rows, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x,) = ctx.saved_tensors
+        dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
+        dx = drows = dbias = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.mm(dy2, ctx.recompute()).view(x.shape)
+        if ctx.needs_input_grad[1]:
+            drows = torch.mm(dy2.t(), x2)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            dbias = dy2.sum(0)
+        return dx, drows, dbias, None
 
 
 def conv_geometry(base: nn.Module) -> dict[str, tuple | None]:
@@ -464,20 +504,22 @@ class OFTAdapter(RowTransformAdapter):
 
     def blocks(self, train: bool = False) -> torch.Tensor:
         """The (r, b, b) rotation blocks."""
-        skew = skew_from_upper(self.Q, self.block_size)
         if self.neumann_terms is None:
-            blocks = cayley(skew)
+            blocks = cayley(self.Q, self.block_size)
         else:
-            blocks = cayley_neumann(skew, self.neumann_terms)
+            blocks = cayley_neumann(skew_from_upper(self.Q, self.block_size), self.neumann_terms)
         if train and self.dropout_p > 0:
             blocks = identity_dropout(blocks[None], self.dropout_p)[0]
         return blocks.expand(self.n_blocks, -1, -1)
+
+    def rotate_inputs(self, rows: torch.Tensor, train: bool = False) -> torch.Tensor:
+        return block_apply(rows, self.blocks(train).transpose(-1, -2))  # x R = (R^T x^T)^T
 
     def rotate(self, rows: torch.Tensor, inverse: bool = False, train: bool = False):
         blocks = self.blocks(train)
         if inverse:  # the Neumann series is not orthogonal, so invert rather than transpose
             blocks = torch.linalg.inv(blocks)
-        return apply_blocks(rows, blocks)
+        return block_apply(rows, blocks)
 
 
 def project_to_ball(upper: torch.Tensor, radius: float) -> torch.Tensor:
@@ -579,7 +621,7 @@ class BOFTAdapter(RowTransformAdapter):
 
     def factors(self, train: bool = False) -> torch.Tensor:
         """The (m, d/b, b, b) rotation blocks of the m butterfly factors."""
-        blocks = cayley(skew_from_upper(self.Q, self.block_size))
+        blocks = cayley(self.Q, self.block_size)
         if train and self.dropout_p > 0:
             blocks = identity_dropout(blocks, self.dropout_p)
         return blocks
@@ -594,7 +636,7 @@ class BOFTAdapter(RowTransformAdapter):
             factors = [f.transpose(-1, -2) for f in reversed(factors)]
             perms = perms[::-1]
         gathers = self.cached(inverse, rows.device, lambda: chain_gathers(perms))
-        return apply_butterfly(rows, factors, gathers)
+        return butterfly_apply(rows, factors, gathers)
 
 
 # --- qGOFT -----------------------------------------------------------------------------

@@ -45,6 +45,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..config import AdapterConfig, _check_name_list, check_float
 from ..errors import CheckpointError, ConfigError, MergeError, TargetError
+from ..kernels import scale_shift
 from ..layers import Adapter, is_fan_in_fan_out
 from ..peft_format import PeftFormat, exact_names_regex, register_peft_format
 from ..registry import register
@@ -265,6 +266,13 @@ class ScalingAdapter(Adapter):
     def along(self, vector: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return along(vector, t, self.geometry.channel_axis)
 
+    def scale_shift(
+        self, t: torch.Tensor, scale: torch.Tensor | None, shift: torch.Tensor | None
+    ) -> torch.Tensor:
+        """scale * t + shift along the feature axis in one pass (``core.kernels``: a fused
+        Triton kernel on CUDA, forward and backward; ``addcmul`` elsewhere)."""
+        return scale_shift(t, scale, shift, self.geometry.channel_axis)
+
     # Merging "y -> gamma * y + beta" into the base. The checks run before any change, so a
     # refused merge leaves the layer exactly as it was.
 
@@ -397,12 +405,12 @@ class IA3Adapter(ScalingAdapter):
     def pre(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_side:
             return x
-        return (x * self.along(self.scale.flatten(), x)).to(x.dtype)
+        return self.scale_shift(x, self.scale.flatten(), None)
 
     def post(self, x: torch.Tensor, y: torch.Tensor, base: nn.Module) -> torch.Tensor:
         if self.input_side:
             return y
-        return (y * self.along(self.scale.flatten(), y)).to(y.dtype)
+        return self.scale_shift(y, self.scale.flatten(), None)
 
     def merge(self, base: nn.Module) -> None:
         scale = self.scale.detach().flatten()
@@ -475,7 +483,7 @@ class SSFAdapter(ScalingAdapter):
                 self.beta.normal_(0.0, init_std)
 
     def post(self, x: torch.Tensor, y: torch.Tensor, base: nn.Module) -> torch.Tensor:
-        return torch.addcmul(self.along(self.beta, y), y, self.along(self.gamma, y)).to(y.dtype)
+        return self.scale_shift(y, self.gamma, self.beta)
 
     def merge(self, base: nn.Module) -> None:
         self.check_scalable(base)
@@ -544,7 +552,7 @@ class BiasAdapter(ScalingAdapter):
         self.bias_delta = self.feature_vector(0.0, base)
 
     def post(self, x: torch.Tensor, y: torch.Tensor, base: nn.Module) -> torch.Tensor:
-        return y + self.along(self.bias_delta, y).to(y.dtype)
+        return self.scale_shift(y, None, self.bias_delta)
 
     def merge(self, base: nn.Module) -> None:
         # Bias-less layers only get here when the config allowed creating a bias.
@@ -748,10 +756,8 @@ class GammaAdapter(ScalingAdapter):
             self.bias_delta = self.feature_vector(0.0, base)
 
     def post(self, x: torch.Tensor, y: torch.Tensor, base: nn.Module) -> torch.Tensor:
-        gamma = self.along(self.gamma, y)
-        if not hasattr(self, "bias_delta"):
-            return (y * gamma).to(y.dtype)
-        return torch.addcmul(self.along(self.bias_delta, y) * gamma, y, gamma).to(y.dtype)
+        shift = self.bias_delta * self.gamma if hasattr(self, "bias_delta") else None
+        return self.scale_shift(y, self.gamma, shift)
 
     def merge(self, base: nn.Module) -> None:
         self.check_scalable(base)

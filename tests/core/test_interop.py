@@ -109,10 +109,10 @@ def test_pickle_only_peft_folder_is_refused(tmp_path):
 def test_unsupported_peft_options_are_refused_and_model_unchanged(tmp_path):
     base = make_vit()
     theirs = peft.get_peft_model(
-        copy.deepcopy(base), peft.LoraConfig(r=2, target_modules=["qkv"], use_dora=True)
+        copy.deepcopy(base), peft.LoraConfig(r=2, target_modules=["qkv"], lora_bias=True)
     )
     theirs.save_pretrained(tmp_path)
-    with pytest.raises(CheckpointError, match="use_dora"):
+    with pytest.raises(CheckpointError, match="lora_bias"):
         core.interop.load_peft(base, tmp_path)
     assert core.adapter_names(base) == []
 

@@ -431,3 +431,85 @@ def test_lr_factor_is_finite_everywhere():
     for step in range(0, 60):
         value = lr_factor(step, warmup_steps=5, total_steps=50, schedule="cosine")
         assert math.isfinite(value) and 0.0 <= value <= 1.0
+
+
+# --- without an adapter: full fine-tuning and linear probes --------------------------------
+
+
+class ProbeMLP(MLPClassifier):
+    """A linear probe: build_model leaves only the head trainable."""
+
+    def build_model(self) -> nn.Module:
+        model = super().build_model()
+        model.requires_grad_(False)
+        model.head.requires_grad_(True)
+        return model
+
+
+@pytest.mark.parametrize("probe", [False, True])
+def test_without_a_method_what_build_model_leaves_trainable_trains_and_exports(tmp_path, probe):
+    cls = ProbeMLP if probe else MLPClassifier
+    torch.manual_seed(0)
+    module = cls(None, lr=1e-2)
+    assert module.method is None and module.hparams.method is None
+    assert core.adapter_names(module.model) == []
+    before = {k: v.clone() for k, v in module.model.state_dict().items()}
+    modes = RecordModes()
+    t = trainer(tmp_path, max_steps=4, callbacks=[modes])
+    t.fit(module, loader(mlp_data()))
+    after = module.model.state_dict()
+    changed = {k for k in after if not torch.equal(after[k], before[k])}
+    if probe:
+        assert changed == {"head.weight", "head.bias"}
+        assert not modes.modes["bn"]  # frozen statistics stay frozen
+    else:  # everything trains, BatchNorm statistics included
+        assert {"fc1.weight", "bn.running_mean", "head.bias"} <= changed
+        assert modes.modes["bn"]
+    t.save_checkpoint(tmp_path / "run.ckpt")
+    state = torch.load(tmp_path / "run.ckpt", weights_only=True)["state_dict"]
+    trainable = {f"model.{n}" for n, p in module.model.named_parameters() if p.requires_grad}
+    bn_stats = {"model.bn.running_mean", "model.bn.running_var", "model.bn.num_batches_tracked"}
+    assert set(state) == (trainable if probe else trainable | bn_stats)
+
+    exported = tmp_path / "trained" / "trained.safetensors"
+    assert module.exported_adapter == tmp_path / "trained" and exported.is_file()
+    x = mlp_data().tensors[0]
+    fresh = cls(None, init_adapter=exported).eval()
+    assert torch.equal(fresh(x), module.eval()(x))
+    assert fresh.hparams.init_adapter == str(exported)  # plain str, safe in checkpoints
+    loaded = cls.load_from_checkpoint(tmp_path / "run.ckpt", weights_only=True).eval()
+    assert torch.equal(loaded(x), module(x))
+
+
+def test_load_trained_refuses_tensors_the_model_lacks(tmp_path):
+    import safetensors.torch
+
+    safetensors.torch.save_file({"fc9.weight": torch.zeros(2)}, tmp_path / "trained.safetensors")
+    module = MLPClassifier(None)
+    with pytest.raises(core.CheckpointError, match=r"unexpected fc9\.weight"):
+        module.load_exported(tmp_path)
+    with pytest.raises(core.CheckpointError, match="does not exist"):
+        module.load_exported(tmp_path / "missing.safetensors")
+
+
+def test_init_adapter_loads_an_exported_adapter_of_the_same_config(tmp_path):
+    torch.manual_seed(0)
+    module = MLPClassifier(lora(), lr=3e-2)
+    trainer(tmp_path, max_steps=3).fit(module, loader(mlp_data()))
+    folder = module.export_adapter(tmp_path / "exported")
+    x = mlp_data().tensors[0]
+    again = MLPClassifier(lora(), init_adapter=folder).eval()
+    assert torch.equal(again(x), module.eval()(x))
+    assert all(p.requires_grad for p in again.model.fc1.adapters["default"].parameters())
+    with pytest.raises(core.CheckpointError, match=r"alpha: saved 8\.0 vs 4\.0"):
+        MLPClassifier(lora(alpha=4), init_adapter=folder)
+
+
+def test_class_paths_of_omnipeft_method_modules_resolve_and_nothing_else_imports():
+    vpt = method_from_spec(
+        {"class_path": "core.methods.prompts.VPT", "init_args": {"targets": ["blocks"]}}
+    )
+    assert type(vpt).__module__ == "core.methods.prompts" and vpt.targets == ("blocks",)
+    for path in ("core.methods.missing.LoRA", "core.methods.lora.os", "json.JSONDecoder"):
+        with pytest.raises(core.ConfigError, match="names no registered method"):
+            method_from_spec({"class_path": path, "init_args": {}})

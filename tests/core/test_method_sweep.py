@@ -29,6 +29,7 @@ class Case:
     cfg: dict
     starts_as_identity: bool = True  # False where the paper starts elsewhere
     call_kwargs: dict = field(default_factory=dict)
+    prepare: Callable[[nn.Module, Case], None] | None = None  # a step before training
 
 
 def vit(**cfg) -> Case:
@@ -37,6 +38,16 @@ def vit(**cfg) -> Case:
 
 def llama(**cfg) -> Case:
     return Case(make_llama, TOKENS, cfg)
+
+
+def select_by_gradients(model: nn.Module, case: Case) -> None:
+    """GPS/SPT pick their entries from gradients on task data before training."""
+    core.select(model, [case.inputs], loss_fn=lambda m, batch: m(*batch).pow(2).mean())
+
+
+def selected(case: Case) -> Case:
+    case.prepare = select_by_gradients
+    return case
 
 
 def starts_elsewhere(case: Case, **call_kwargs) -> Case:
@@ -69,7 +80,35 @@ CASES = {
         llama(targets=["model"], num_virtual_tokens=3), control_ids=torch.tensor([0, 1])
     ),
     "llama_adapter": llama(targets=["model.layers.1"]),
+    "dora": vit(targets=["qkv", "proj", "fc1"]),
+    "vera": vit(targets=["qkv", "fc1"], r=16),
+    "dylora": vit(targets=["qkv", "fc1"]),
+    "melora": vit(targets=["qkv", "fc1"], r=2, n=4),
+    "sharelora": llama(targets=["q_proj", "v_proj"]),
+    "capaboost": vit(targets=["qkv", "fc1"]),
+    "loha": vit(targets=["qkv", "proj"]),
+    "lokr": vit(targets=["qkv", "proj"]),
+    "kadaptation": vit(targets=["qkv", "fc1"]),
+    "surm": vit(targets=["qkv", "fc1"], structure="toeplitz"),
+    "l4q": starts_elsewhere(vit(targets=["qkv", "fc1"], group_size=32)),
+    "mov": vit(targets=["qkv", "fc2"], feedforward_modules=["fc2"], num_experts=3),
+    "molora": vit(targets=["qkv", "fc1"], num_experts=3),
+    "pesc": vit(targets=["mlp"], num_experts=3, bottleneck=8, dropout=0.0),
+    "mpoe": vit(targets=["fc1"], num_experts=2, num_tensors=3),
+    "diff_pruning": vit(targets=["qkv", "fc1"]),
+    "adalora": vit(targets=["qkv", "fc1"], init_r=4, target_r=2),
+    "increlora": vit(targets=["qkv", "fc1"]),
+    "dora_dynamic": vit(targets=["qkv", "fc1"], r=4),
+    "triadaptlora": vit(targets=["qkv", "fc1"], r=4),
+    "diffora": vit(targets=["qkv", "fc1"], r=4),
+    "gps": selected(vit(targets=["qkv", "fc1"])),
+    "spt": selected(vit(targets=["qkv", "fc1"], density=0.05)),
 }
+# Methods whose contract is tested in their own file, because they need a setting the
+# generic case cannot give: PERFT adapts an existing mixture-of-experts block (tiny
+# Mixtral and Qwen2-MoE in test_mixtures.py), AdapterFusion fuses other adapters
+# (test_compose.py).
+ELSEWHERE = {"perft", "adapter_fusion"}
 
 
 def run(model, case: Case, plain: bool = False):
@@ -86,7 +125,7 @@ def perturb(model):
 
 
 def test_every_registered_method_has_a_case():
-    assert sorted(core.METHODS) == sorted(CASES)
+    assert sorted(core.METHODS) == sorted([*CASES, *ELSEWHERE])
 
 
 @pytest.mark.parametrize("method", sorted(CASES))
@@ -99,6 +138,8 @@ def test_method_contract(method, tmp_path):
     with torch.no_grad():
         before = run(model, case, plain=True)
     core.inject(model, cfg)
+    if case.prepare is not None:
+        case.prepare(model, case)
     assert core.param_report(model).trainable > 0
     with torch.no_grad():
         if case.starts_as_identity:

@@ -1,0 +1,317 @@
+"""The CPU fast paths (the kernels' torch twins and the wrappers' fused LoRA path) equal
+the plain formulas they replace, forward and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import core
+from core.kernels import (
+    LoRALinearFunction,
+    block_apply_torch,
+    butterfly_apply,
+    cayley_torch,
+    lora_linear,
+    scale_shift_torch,
+    sgmv_lora_torch,
+)
+from core.kernels import lora as lora_kernels
+from core.kernels.orthogonal import skew_from_upper
+from core.methods import orthogonal
+from core.methods.lora import LoRA
+from core.methods.orthogonal import BOFT, OFT
+from core.methods.scaling import IA3
+
+
+def grads(out: torch.Tensor, inputs: list[torch.Tensor], seed: int = 7) -> list[torch.Tensor]:
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
+    return list(torch.autograd.grad(out, inputs, upstream.to(out.dtype), allow_unused=True))
+
+
+def leaves(*shapes: tuple[int, ...], dtype=torch.float64) -> list[torch.Tensor]:
+    return [torch.randn(s, dtype=dtype, requires_grad=True) for s in shapes]
+
+
+def plain_lora(x, w, bias, a, b, scale, h=None):
+    return F.linear(x, w, bias) + scale * F.linear(F.linear(x if h is None else h, a), b)
+
+
+# --- fused LoRA -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("rows", [13, 2], ids=["folded", "factored"])
+def test_fused_lora_function_equals_the_formula_with_every_gradient(with_bias, rows):
+    assert lora_kernels.folds(rows, torch.zeros(7, 10)) == (rows == 13)
+    x, w, bias, a, b = leaves((rows, 10), (7, 10), (7,), (3, 10), (7, 3))
+    bias = bias if with_bias else None
+    inputs = [t for t in (x, w, bias, a, b) if t is not None]
+    fused = LoRALinearFunction.apply(x, None, w, bias, a, b, 0.6)
+    plain = plain_lora(x, w, bias, a, b, 0.6)
+    torch.testing.assert_close(fused, plain)
+    for got, want in zip(grads(fused, inputs), grads(plain, inputs), strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_fused_lora_with_a_separate_adapter_input_routes_gradients_through_both():
+    x, w, bias, a, b = leaves((9, 6), (5, 6), (5,), (2, 6), (5, 2))
+    mask = (torch.rand(9, 6, generator=torch.Generator().manual_seed(1)) > 0.3).double()
+    fused = LoRALinearFunction.apply(x, x * mask / 0.7, w, bias, a, b, 2.0)  # h: dropout(x)
+    plain = plain_lora(x, w, bias, a, b, 2.0, h=x * mask / 0.7)
+    torch.testing.assert_close(fused, plain)
+    inputs = [x, w, bias, a, b]
+    for got, want in zip(grads(fused, inputs), grads(plain, inputs), strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_inference_folds_the_update_into_a_temporary_weight_when_rows_are_many():
+    w = torch.randn(16, 24)
+    assert lora_kernels.should_fold(10, w, grad=False)  # 10 * 40 >= 16 * 24
+    assert not lora_kernels.should_fold(9, w, grad=False)  # few rows: factored form
+    assert not lora_kernels.should_fold(10, w, grad=True)  # training never folds
+    assert not lora_kernels.should_fold(10, w.bfloat16(), grad=False)  # would round away
+    x, bias, a, b = torch.randn(4, 5, 24), torch.randn(16), torch.randn(3, 24), torch.randn(16, 3)
+    before = w.clone()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            lora_linear(x, w, bias, a, b, 0.5), plain_lora(x, w, bias, a, b, 0.5)
+        )
+        few = x[:1, :2]
+        torch.testing.assert_close(
+            lora_linear(few, w, bias, a, b, 0.5), plain_lora(few, w, bias, a, b, 0.5)
+        )
+    assert torch.equal(w, before)  # the base weight is never written
+
+
+def lora_linear_model(adapters: int = 1, **overrides) -> nn.Module:
+    model = nn.Sequential(nn.Linear(12, 10), nn.GELU(), nn.Linear(10, 6))
+    for i in range(adapters):
+        cfg = LoRA(r=3 + i, alpha=4.0 + i, targets=["0", "2"], **overrides)
+        core.inject(model, cfg, name=f"a{i}")
+    core.set_active(model, [f"a{i}" for i in range(adapters)])
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".adapters." in name:
+                p.normal_(std=0.3)
+    return model
+
+
+def reference_forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The model's function spelled out: base + sum of s B A x per active adapter."""
+    h = x
+    for layer in model:
+        if isinstance(layer, core.layers.AdaptedModule):
+            base = layer.base_layer
+            out = F.linear(h, base.weight, base.bias)
+            for adapter in layer.running():
+                out = out + adapter.scale * F.linear(F.linear(h, adapter.A), adapter.B)
+            h = out
+        else:
+            h = layer(h)
+    return h
+
+
+@pytest.mark.parametrize("adapters", [1, 2])
+@pytest.mark.parametrize("grad", [True, False])
+def test_wrapped_linear_takes_the_fused_path_and_equals_the_formula(adapters, grad, monkeypatch):
+    model = lora_linear_model(adapters)
+    calls = []
+    monkeypatch.setattr(
+        core.layers, "lora_linear", lambda *a: calls.append(1) or lora_linear(*a), raising=True
+    )
+    x = torch.randn(4, 5, 12, requires_grad=grad)
+    with torch.set_grad_enabled(grad):
+        out = model(x)
+    assert len(calls) == 2  # both linear layers
+    torch.testing.assert_close(out, reference_forward(model, x))
+    if grad:
+        params = [p for p in model.parameters() if p.requires_grad] + [x]
+        for got, want in zip(grads(out, params), grads(reference_forward(model, x), params)):
+            torch.testing.assert_close(got, want)
+
+
+def test_dropout_in_training_uses_one_mask_for_the_adapter_path_only():
+    model = lora_linear_model(1, dropout=0.5).train()
+    x = torch.randn(6, 12)
+    torch.manual_seed(3)
+    out = model[0](x)
+    torch.manual_seed(3)
+    adapter = model[0].adapters["a0"]
+    h = F.dropout(x, 0.5, training=True)
+    base = model[0].base_layer
+    torch.testing.assert_close(
+        out, plain_lora(x, base.weight, base.bias, adapter.A, adapter.B, adapter.scale, h=h)
+    )
+
+
+def test_lora_stacked_with_another_method_runs_the_addmm_post_path():
+    model = nn.Sequential(nn.Linear(8, 8))
+    core.inject(model, LoRA(r=2, alpha=2, targets=["0"]), name="lora")
+    core.inject(model, IA3(targets=["0"]), name="ia3")
+    core.set_active(model, ["lora", "ia3"])
+    model[0].adapters["lora"].requires_grad_(True)  # inject trains only the newest adapter
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".adapters." in name:
+                p.normal_(std=0.5)
+    lora, ia3, base = model[0].adapters["lora"], model[0].adapters["ia3"], model[0].base_layer
+    x = torch.randn(3, 4, 8, requires_grad=True)
+
+    def formula():
+        y = plain_lora(x, base.weight, base.bias, lora.A, lora.B, lora.scale)
+        return y * ia3.scale.flatten()
+
+    with torch.no_grad():  # in place into the base output
+        torch.testing.assert_close(model(x), formula())
+    out = model(x)
+    torch.testing.assert_close(out, formula())
+    params = [lora.A, lora.B, ia3.scale, x]
+    for got, want in zip(grads(out, params), grads(formula(), params), strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_hooks_on_the_base_layer_disable_the_fused_path_but_still_run():
+    model = lora_linear_model(1)
+    seen = []
+    model[0].base_layer.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    x = torch.randn(2, 12)
+    torch.testing.assert_close(model(x), reference_forward(model, x))
+    assert seen == [(2, 10)]
+
+
+def test_gpt2_conv1d_takes_the_fused_path():
+    from transformers.pytorch_utils import Conv1D
+
+    model = nn.Sequential(Conv1D(10, 6))
+    core.inject(model, LoRA(r=2, alpha=3, targets=["0"]))
+    adapter = model[0].adapters["default"]
+    with torch.no_grad():
+        adapter.B.normal_()
+    x = torch.randn(4, 6, requires_grad=True)
+    out = model(x)
+    base = model[0].base_layer
+    want = x @ base.weight + base.bias + 1.5 * x @ adapter.A.T @ adapter.B.T
+    torch.testing.assert_close(out, want)
+    for got, exp in zip(
+        grads(out, [x, adapter.A, adapter.B]), grads(want, [x, adapter.A, adapter.B])
+    ):
+        torch.testing.assert_close(got, exp)
+
+
+def test_autocast_runs_the_fused_path_in_the_autocast_dtype():
+    model = lora_linear_model(1)
+    x = torch.randn(5, 12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model[0](x)
+        adapter, base = model[0].adapters["a0"], model[0].base_layer
+        want = plain_lora(x, base.weight, base.bias, adapter.A, adapter.B, adapter.scale)
+    assert out.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), want.float(), atol=0.05, rtol=0.02)
+
+
+# --- multi-adapter LoRA (SGMV twin) -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "starts, which",
+    [([0, 4, 8, 12], [1, 0, 1]), ([0, 2, 3, 9, 12], [2, 0, 2, 1])],
+    ids=["uniform-batched", "ragged-grouped"],
+)
+def test_sgmv_twin_equals_per_segment_formula_with_gradients(starts, which):
+    x, y0, a, b = leaves((12, 7), (12, 5), (3, 2, 7), (3, 5, 2))
+    scales = torch.tensor([0.5, 2.0, -1.0], dtype=torch.float64)
+    out = sgmv_lora_torch(x, y0 * 1, a, b, scales, starts, which)
+    pieces = []
+    for s, adapter in enumerate(which):
+        rows = slice(starts[s], starts[s + 1])
+        update = scales[adapter] * x[rows] @ a[adapter].T @ b[adapter].T
+        pieces.append(y0[rows] + update)
+    want = torch.cat(pieces)
+    torch.testing.assert_close(out, want)
+    inputs = [x, y0, a, b]
+    for got, exp in zip(grads(out, inputs), grads(want, inputs), strict=True):
+        torch.testing.assert_close(got, exp)
+
+
+# --- orthogonal transforms --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("b, n", [(4, 16), (6, 3), (32, 2)], ids=["packed", "odd", "wide"])
+def test_block_apply_twin_equals_the_dense_block_diagonal(b, n):
+    x, blocks = leaves((5, n * b), (n, b, b))
+    gather = torch.randperm(n * b)
+    out = block_apply_torch(x, blocks, gather)
+    want = x[:, gather] @ torch.block_diag(*blocks).T
+    torch.testing.assert_close(out, want)
+    for got, exp in zip(grads(out, [x, blocks]), grads(want, [x, blocks]), strict=True):
+        torch.testing.assert_close(got, exp)
+
+
+def test_butterfly_apply_chains_gathers_and_factors():
+    (x,) = leaves((3, 16))
+    factors = [torch.randn(4, 4, 4, dtype=torch.float64) for _ in range(2)]
+    gathers = [None, torch.randperm(16), torch.randperm(16)]
+    want = x @ torch.block_diag(*factors[0]).T
+    want = want[:, gathers[1]] @ torch.block_diag(*factors[1]).T
+    torch.testing.assert_close(butterfly_apply(x, factors, gathers), want[:, gathers[2]])
+
+
+def test_cayley_twin_has_the_closed_form_gradient_of_the_solve():
+    upper = 0.4 * torch.randn(3, 2, 10, dtype=torch.float64)  # b = 5
+    upper.requires_grad_(True)
+    skew = skew_from_upper(upper, 5)
+    eye = torch.eye(5, dtype=torch.float64)
+    want = (eye - skew) @ torch.linalg.inv(eye + skew)
+    out = cayley_torch(upper, 5)
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(out @ out.transpose(-1, -2), eye.expand_as(out))
+    torch.testing.assert_close(grads(out, [upper])[0], grads(want, [upper])[0])
+    assert torch.autograd.gradcheck(lambda u: cayley_torch(u, 5), (upper,))
+
+
+@pytest.mark.parametrize("method", ["oft", "boft"])
+def test_orthogonal_training_paths_equal_the_transformed_weight_formula(method, monkeypatch):
+    """OFT trains on the activations (y = W R^T x); BOFT keeps the weight side and
+    recomputes W' in the backward. Both equal F.linear with W' = diag(s) W T^T."""
+    lin = nn.Linear(16, 12).double()
+    cfg = (
+        OFT(block_size=4, targets=["0"])
+        if method == "oft"
+        else BOFT(block_size=4, butterfly_factors=2, targets=["0"])
+    )
+    model = core.inject(nn.Sequential(lin), cfg)
+    adapter = model[0].adapters["default"]
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    recomputed = []
+    real = orthogonal.LinearWithRecomputedWeight.apply
+    monkeypatch.setattr(
+        orthogonal.LinearWithRecomputedWeight, "apply", lambda *a: recomputed.append(1) or real(*a)
+    )
+    x = torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True)
+    out = model(x)
+    assert len(recomputed) == (method == "boft")
+    want = F.linear(x, adapter.transformed_rows(lin), lin.bias)
+    torch.testing.assert_close(out, want)
+    params = [x, *adapter.parameters()]
+    for got, exp in zip(grads(out, params), grads(want, params), strict=True):
+        torch.testing.assert_close(got, exp)
+
+
+# --- scale and shift --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("axis", [None, 1])
+def test_scale_shift_twin_equals_the_formula_and_keeps_the_input_dtype(axis):
+    x = torch.randn(2, 3, 4, dtype=torch.bfloat16)
+    features = 4 if axis is None else 3
+    scale, shift = torch.randn(features), torch.randn(features)
+    out = scale_shift_torch(x, scale, shift, axis)
+    view = (1, features, 1) if axis == 1 else (features,)
+    want = (x.float() * scale.reshape(view) + shift.reshape(view)).to(torch.bfloat16)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, want)

@@ -1,0 +1,97 @@
+"""Train, validate and test on VTAB-1k from the command line (LightningCLI).
+
+    python -m vision.train fit --config configs/vision/lora.yaml \\
+        --data.root /data/vtab-1k --data.task cifar \\
+        --model.checkpoint /weights/vit_base_patch16_224.augreg2_in21k_ft_in1k.safetensors
+    python -m vision.train test --config configs/vision/lora.yaml \\
+        --data.root /data/vtab-1k --data.task cifar --model.init_adapter runs/.../adapter
+
+``fit`` shows a progress bar, scores the protocol's evaluation list after every epoch
+(the test list under ``--data.protocol final``), prints the parameter report at the start,
+and at the end exports the adapter (core's format, adapter tensors and head only) to
+``<log_dir>/adapter`` and writes ``<log_dir>/metrics.json``. ``validate`` / ``test`` score
+a saved adapter (``--model.init_adapter``) or a Lightning checkpoint (``--ckpt_path``).
+
+Defaults: CSV logs (and TensorBoard when installed) under ``--trainer.default_root_dir``,
+a learning-rate monitor, bf16 mixed precision on a GPU that has it, seed 0.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import CSVLogger, Logger
+
+from .data import VTABDataModule
+from .metrics import MetricsFile
+from .module import VisionClassifier
+
+LOG_NAME = "lightning_logs"
+
+
+def default_precision() -> str:
+    """bf16 mixed precision on a GPU that supports it, fp16 mixed on older GPUs, else fp32."""
+    if not torch.cuda.is_available():
+        return "32-true"
+    return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+
+
+def default_loggers(root: str) -> list[Logger]:
+    """A CSV logger, plus TensorBoard in the same version folder when it is installed."""
+    csv = CSVLogger(save_dir=root, name=LOG_NAME)
+    loggers: list[Logger] = [csv]
+    try:
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        loggers.append(TensorBoardLogger(save_dir=root, name=LOG_NAME, version=csv.version))
+    except ModuleNotFoundError:  # tensorboard is optional
+        pass
+    return loggers
+
+
+class VisionCLI(LightningCLI):
+    """LightningCLI over ``VisionClassifier`` and ``VTABDataModule``.
+
+    The data module decides the head's class count and the model's input size
+    (``data.num_classes`` -> ``model.num_classes``, ``data.image_size`` -> ``model.image_size``).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault(
+            "trainer_defaults",
+            {"precision": default_precision(), "max_epochs": 100, "log_every_n_steps": 10},
+        )
+        kwargs.setdefault("seed_everything_default", 0)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        super().__init__(VisionClassifier, VTABDataModule, *args, **kwargs)
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("data.image_size", "model.image_size")
+        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+
+    def instantiate_trainer(self, **kwargs: Any):
+        """Default loggers at ``default_root_dir``; LR monitor when logging; metrics file."""
+        config = self._get(self.config_init, "trainer", default={})
+        logger = kwargs.get("logger", config.get("logger"))
+        if logger is None or logger is True:
+            root = config.get("default_root_dir") or os.getcwd()
+            kwargs["logger"] = logger = default_loggers(str(root))
+        callbacks = list(config.get("callbacks") or [])
+        if logger:
+            callbacks.append(LearningRateMonitor(logging_interval="step"))
+        callbacks.append(MetricsFile())
+        kwargs["callbacks"] = callbacks
+        return super().instantiate_trainer(**kwargs)
+
+
+def main(args: list[str] | None = None) -> VisionCLI:
+    """Run the CLI (``args`` instead of ``sys.argv`` when given, e.g. from tests)."""
+    return VisionCLI(args=args)
+
+
+if __name__ == "__main__":
+    main()
