@@ -482,6 +482,8 @@ class BlockAdapter(Adapter):
     """Applies ``adapt(x, h)`` to a block's output ``h`` (the first item of a tuple output,
     e.g. transformers attention's (output, weights), keeping the rest)."""
 
+    batch_separable = True  # acts on each token alone, so samples may use different adapters
+
     def __init__(self, d_in: int, d_out: int) -> None:
         super().__init__()
         self.in_features, self.out_features = d_in, d_out

@@ -164,5 +164,18 @@ def test_names_and_methods_are_checked_on_entry():
         enter(model, ["a"])
 
 
+def test_bottleneck_adapters_mix_in_one_batch():
+    model = make_vit()
+    core.inject(model, core.Bottleneck(bottleneck=8, targets=["mlp"]), name="p")
+    core.inject(model, core.Bottleneck(bottleneck=4, mode="parallel", targets=["mlp"]), name="q")
+    randomise(model)
+    x = torch.randn(4, 3, 32, 32)
+    names = ["q", "p", None, "q"]
+    with torch.no_grad():
+        with batch_adapters(model, names):
+            mixed = model(x)
+        torch.testing.assert_close(mixed, alone(model, x, names), atol=1e-5, rtol=1e-5)
+
+
 def test_batch_adapters_is_public():
     assert core.batch_adapters is batch_adapters
