@@ -229,6 +229,9 @@ class FourierFTAdapter(Adapter):
         if init == "gaussian":
             with torch.no_grad():
                 self.spectrum.normal_()
+        # Delta W is dense, so x (W + Delta W)^T in one GEMM beats a second full-size GEMM
+        # for x Delta W^T; only when the base weight is in the adapter's dtype.
+        self.replaces_base = base.weight.dtype == self.spectrum.dtype
 
     def delta_weight(self) -> torch.Tensor:
         """scaling * Re(IDFT2(F)) as (d_out, d_in), computed in float32 (ifft2 needs it)."""
@@ -237,7 +240,13 @@ class FourierFTAdapter(Adapter):
         dense = dense.index_put((rows, cols), self.spectrum.float())
         return torch.fft.ifft2(dense).real * self.scaling
 
+    def run_base(self, x: torch.Tensor, base: nn.Module, *args, **kwargs) -> torch.Tensor:
+        weight = base.weight.T if self.fan_in_fan_out else base.weight
+        return F.linear(x, weight + self.delta_weight().to(weight.dtype), base.bias)
+
     def post(self, x: torch.Tensor, y: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        if self.replaces_base:  # already inside run_base's output
+            return y
         delta = self.delta_weight().to(self.spectrum.dtype)
         return y + F.linear(x.to(delta.dtype), delta).to(y.dtype)
 
