@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import itertools
 import math
 from collections.abc import Mapping
 from functools import partial
@@ -36,6 +37,8 @@ from .config import AdapterConfig
 from .controllers import ControllerSet
 from .errors import CheckpointError, ConfigError
 from .inject import adapter_config, aux_loss, inject
+from .methods.mixtures import expert_loads
+from .methods.sparse import select
 from .registry import METHODS
 from .report import param_report
 from .targeting import adapted_modules, find_targets
@@ -165,6 +168,8 @@ class PeftModule(lightning.LightningModule):
     """
 
     build_in_configure_model: ClassVar[bool] = False
+    # Training batches GPS / SPT score before training to choose their entries.
+    selection_batches: ClassVar[int] = 8
 
     def __init__(
         self,
@@ -242,7 +247,14 @@ class PeftModule(lightning.LightningModule):
         if aux is not None:
             self.log("train_aux_loss", aux)
         self._log_extras("train", logs)
+        self._log_expert_load()
         return loss
+
+    def _log_expert_load(self) -> None:
+        """Mixtures (``core.methods.mixtures``): mean routing weight per expert and module."""
+        for key, load in expert_loads(self.model).items():
+            for expert, share in enumerate(load.tolist()):
+                self.log(f"expert_load/{key}/{expert}", share)
 
     def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         return self._eval_step("val", batch)
@@ -308,6 +320,46 @@ class PeftModule(lightning.LightningModule):
         }
 
     # -- reporting and export -------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        """Before the optimizer exists: let GPS / SPT choose their entries on task data."""
+        if stage == "fit" and self.model is not None and self.method is not None:
+            self._select_sparse_entries()
+
+    def _select_sparse_entries(self) -> None:
+        pending = [
+            w.adapters[self.adapter_name]
+            for _, w in adapted_modules(self.model)
+            if self.adapter_name in w.adapters
+            and callable(getattr(w.adapters[self.adapter_name], "is_selected", None))
+            and not w.adapters[self.adapter_name].is_selected()
+        ]
+        if not pending:
+            return
+        loader = self._train_loader()
+        batches = list(itertools.islice(iter(loader), self.selection_batches))
+        was_training = self.model.training
+        self.model.eval()  # dropout-free, reproducible gradient scores
+        select(
+            self.model,
+            batches,
+            loss_fn=lambda _m, b: self._loss_and_logs(b)[0],
+            name=self.adapter_name,
+        )
+        self.model.train(was_training)
+
+    def _train_loader(self) -> Any:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None:
+            return datamodule.train_dataloader()
+        source = getattr(self.trainer.fit_loop, "_data_source", None)  # fit(train_dataloaders=)
+        if source is not None and source.is_defined():
+            return source.dataloader()
+        raise ConfigError(
+            "GPS/SPT choose their entries from training batches before the optimizer is "
+            "built, but the trainer has no training data yet; pass a datamodule or "
+            "train_dataloaders to Trainer.fit."
+        )
 
     def on_fit_start(self) -> None:
         """Set train mode, print the parameter table once, send the counts to the loggers."""
