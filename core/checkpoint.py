@@ -92,20 +92,42 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
             "the adapter lives on the meta device and has no values to save; "
             "materialise the model (e.g. model.to_empty(device='cpu') and load weights) first."
         )
-    blob = safetensors.torch.save({k: v.detach().contiguous().cpu() for k, v in state.items()})
     modules = {p: module_fingerprint(w) for p, w in adapted_modules(model) if name in w.adapters}
+    return write_folder(
+        path,
+        state,
+        method=cfg.method,
+        config=cfg.to_dict(),
+        modules=modules,
+        modules_to_save=[p for p, _ in _saved_modules(model, cfg)],
+        version=FORMAT_VERSION,
+    )
+
+
+def write_folder(
+    path: str | os.PathLike,
+    tensors: dict[str, torch.Tensor],
+    *,
+    method: str,
+    config: dict[str, Any],
+    modules: dict[str, Any],
+    modules_to_save: list[str],
+    version: int,
+    encoding: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``tensors`` and their metadata as a checkpoint folder (``TENSORS`` + ``META``)."""
+    blob = safetensors.torch.save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
     meta = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "method": cfg.method,
-        "config": cfg.to_dict(),
-        "fingerprint": {
-            "modules": modules,
-            "modules_to_save": [p for p, _ in _saved_modules(model, cfg)],
-        },
+        "format_version": version,
+        "method": method,
+        "config": config,
+        "fingerprint": {"modules": modules, "modules_to_save": modules_to_save},
         "tensors_sha256": hashlib.sha256(blob).hexdigest(),
         "versions": {"omnipeft": _version(), "torch": torch.__version__},
     }
+    if encoding is not None:
+        meta["encoding"] = encoding
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write(folder / TENSORS, blob)

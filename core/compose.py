@@ -71,8 +71,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
-import json
 import math
 import re
 import sys
@@ -83,21 +81,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import safetensors.torch
 import torch
 import torch.nn as nn
 
 from .checkpoint import (
     ENCODED_FORMAT_VERSION,
-    FORMAT,
     FORMAT_VERSION,
-    META,
     TENSOR_DECODERS,
     TENSORS,
-    atomic_write,
     install,
     module_fingerprint,
     read_checkpoint,
+    write_folder,
 )
 from .config import AdapterConfig, check_float
 from .errors import CheckpointError, ConfigError, MergeError, OmniPeftError
@@ -233,32 +228,16 @@ def write_checkpoint(
     encoding: dict[str, Any] | None,
 ) -> Path:
     """Write ``tensors`` with ``state``'s metadata in ``core.save_adapter``'s format."""
-    blob = safetensors.torch.save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
-    meta = {
-        "format": FORMAT,
-        "format_version": version,
-        "method": state.method,
-        "config": state.config.to_dict(),
-        "fingerprint": {"modules": state.fingerprint, "modules_to_save": state.saved_modules},
-        "tensors_sha256": hashlib.sha256(blob).hexdigest(),
-        "versions": {"omnipeft": _version(), "torch": torch.__version__},
-    }
-    if encoding is not None:
-        meta["encoding"] = encoding
-    folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write(folder / TENSORS, blob)
-    atomic_write(folder / META, json.dumps(meta, indent=2, sort_keys=True).encode())
-    return folder
-
-
-def _version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("omnipeft")
-    except Exception:
-        return "unknown"
+    return write_folder(
+        path,
+        tensors,
+        method=state.method,
+        config=state.config.to_dict(),
+        modules=state.fingerprint,
+        modules_to_save=state.saved_modules,
+        version=version,
+        encoding=encoding,
+    )
 
 
 # --- what the weight-space operations accept ---------------------------------------------

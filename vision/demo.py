@@ -35,7 +35,7 @@ from core.lightning import TRAINED_FILE
 
 from .data import write_vtab_task
 from .module import VisionClassifier
-from .train import VisionCLI
+from .train import fit_and_test
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "vision"
 TASK, SOURCE_TASK, SOURCE_CLASSES = "digits", "digits_0to4", 5
@@ -78,22 +78,7 @@ def write_digits_tasks(root: str | Path, seed: int = 0) -> tuple[Path, Path]:
 
 def run_stage(config: Path, root: Path, task: str, out: Path, *extra: str):
     """fit then test one config through the training CLI; returns (cli, test metrics)."""
-    cli = VisionCLI(
-        args=[
-            "--config",
-            str(config),
-            "--data.root",
-            str(root),
-            "--data.task",
-            task,
-            "--trainer.default_root_dir",
-            str(out),
-            *extra,
-        ],
-        run=False,
-    )
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    (result,) = cli.trainer.test(cli.model, datamodule=cli.datamodule)
+    cli, (result,) = fit_and_test(config, root, task, out, *extra)
     return cli, result
 
 

@@ -26,7 +26,7 @@ from typing import Any
 
 from .data import GROUPS, iter_tasks
 from .metrics import METRICS_FILE, read_metrics, vtab_summary
-from .train import VisionCLI
+from .train import fit_and_test
 
 SUMMARY_COLUMNS = (*GROUPS, "mean", "mean_of_groups")
 
@@ -52,22 +52,7 @@ def run_one(config: Path, task: str, root: Path, out: Path, extra: Sequence[str]
         print(f"[sweep] {config.stem} / {task}: done before, test acc {done['test_acc']:.4f}")
         return done
     print(f"[sweep] {config.stem} / {task}: training")
-    cli = VisionCLI(
-        args=[
-            "--config",
-            str(config),
-            "--data.root",
-            str(root),
-            "--data.task",
-            task,
-            "--trainer.default_root_dir",
-            str(folder),
-            *extra,
-        ],
-        run=False,
-    )
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    cli.trainer.test(cli.model, datamodule=cli.datamodule)
+    cli, _ = fit_and_test(config, root, task, folder, *extra)
     record = read_metrics(cli.trainer.log_dir)
     del cli
     gc.collect()

@@ -88,6 +88,27 @@ class VisionCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
 
+def fit_and_test(config, root, task: str, out, *extra: str) -> tuple[VisionCLI, list[dict]]:
+    """Fit then test ``config`` on VTAB ``task`` under ``root``, logging to ``out``; returns
+    the CLI and the test results (one dict per test dataloader)."""
+    cli = VisionCLI(
+        args=[
+            "--config",
+            str(config),
+            "--data.root",
+            str(root),
+            "--data.task",
+            task,
+            "--trainer.default_root_dir",
+            str(out),
+            *extra,
+        ],
+        run=False,
+    )
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    return cli, cli.trainer.test(cli.model, datamodule=cli.datamodule)
+
+
 def main(args: list[str] | None = None) -> VisionCLI:
     """Run the CLI (``args`` instead of ``sys.argv`` when given, e.g. from tests)."""
     return VisionCLI(args=args)

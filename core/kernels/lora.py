@@ -84,8 +84,8 @@ def lora_backward_torch(
 ) -> tuple[torch.Tensor | None, ...]:
     """Gradients (dx, dh, dweight, dbias, da, db) of ``lora_forward_torch``; ``needs`` says
     which are wanted. With ``h`` None the adapter's share of dx is added into dx."""
-    need_x, need_h, need_w, need_bias, need_a, need_b = needs
-    dx = dh = dweight = dbias = da = db = None
+    need_x, need_h, need_a = needs[0], needs[1], needs[4]
+    dx = None
     fold = h is None and folds(dy.shape[0], weight)
     g = torch.mm(dy, b) if (need_a or need_h or (need_x and not fold)) else None  # (M, r)
     if need_x and fold:
@@ -94,6 +94,14 @@ def lora_backward_torch(
         dx = torch.mm(dy, weight)
         if h is None:
             dx.addmm_(g, a, alpha=scale)
+    return (dx, *lora_backward_rest(dy, x, h, xa, a, g, scale, needs))
+
+
+def lora_backward_rest(dy, x, h, xa, a, g, scale, needs):
+    """(dh, dweight, dbias, da, db) of the LoRA backward, given ``g = dy B`` (None when
+    neither dh nor da is wanted); dx is the caller's. Shared by the torch and Triton twins."""
+    _, need_h, need_w, need_bias, need_a, need_b = needs
+    dh = dweight = dbias = da = db = None
     if need_h and h is not None:
         dh = torch.mm(g, a).mul_(scale)
     if need_a:
@@ -104,7 +112,7 @@ def lora_backward_torch(
         dweight = torch.mm(dy.t(), x)
     if need_bias:
         dbias = dy.sum(0)
-    return dx, dh, dweight, dbias, da, db
+    return dh, dweight, dbias, da, db
 
 
 # --- Triton launchers (imported lazily: Triton loads only when a kernel runs) ------------

@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from .dispatch import dot_width, interpreting
+from .lora import lora_backward_rest
 from .triton_common import dot, ieee
 
 BLOCK_M, BLOCK_N, BLOCK_K = 64, 64, 32
@@ -110,21 +111,10 @@ def lora_forward_triton(x, h, weight, bias, a, b, scale):
 
 def lora_backward_triton(dy, x, h, xa, weight, a, b, scale, needs):
     """Same contract as ``lora.lora_backward_torch``."""
-    need_x, need_h, need_w, need_bias, need_a, need_b = needs
-    dx = dh = dweight = dbias = da = db = None
-    g = None
+    need_x, need_h, need_a = needs[0], needs[1], needs[4]
+    dx = g = None
     if need_x:  # dx = dy W (+ scale g A when h is x), and g = dy B on the way
         dx, g = linear_lowrank(dy, None, weight, None, b, a, scale, add_lowrank=h is None)
     elif need_h or need_a:
         g = torch.mm(dy, b)
-    if need_h and h is not None:
-        dh = torch.mm(g, a).mul_(scale)
-    if need_a:
-        da = torch.mm(g.t(), x if h is None else h).mul_(scale)
-    if need_b:
-        db = torch.mm(dy.t(), xa).mul_(scale)
-    if need_w:
-        dweight = torch.mm(dy.t(), x)
-    if need_bias:
-        dbias = dy.sum(0)
-    return dx, dh, dweight, dbias, da, db
+    return (dx, *lora_backward_rest(dy, x, h, xa, a, g, scale, needs))

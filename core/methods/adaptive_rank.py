@@ -71,7 +71,7 @@ from ..errors import CheckpointError, ConfigError
 from ..layers import conv_forward, is_fan_in_fan_out
 from ..peft_format import PeftFormat, register_peft_format
 from ..registry import register
-from .lora import LoRAAdapter, layer_kind
+from .lora import LORA_NEUTRAL, LoRAAdapter, layer_kind
 
 SUPPORTED = "nn.Linear, transformers Conv1D, nn.Conv1d/2d/3d (groups=1, zero padding)"
 RESERVE_VALUE = 1e-5  # IncreLoRA's fixed singular value of a reserve component
@@ -615,15 +615,7 @@ register_peft_format(
         config_to_peft=_adalora_to_peft,
         export_tensors=_adalora_tensors,
         import_tensors=_adalora_import,
-        neutral={
-            "use_dora": False,
-            "lora_bias": False,
-            "bias": "none",
-            "layers_to_transform": None,
-            "layer_replication": None,
-            "target_parameters": None,
-            "trainable_token_indices": None,
-        },
+        neutral={"use_dora": False, **LORA_NEUTRAL},
     )
 )
 

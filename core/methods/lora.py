@@ -295,28 +295,32 @@ def _lora_tensors(adapter: LoRAAdapter) -> dict[str, torch.Tensor]:
     return {"lora_A.weight": a, "lora_B.weight": b}
 
 
+# PEFT's LoRA tensor names, and the PEFT LoRA options omnipeft's LoRA family does not
+# reproduce (refused, never ignored); shared with the LoRA variants and AdaLoRA.
+LORA_TENSOR_NAMES = {
+    "lora_A.weight": "A",
+    "lora_B.weight": "B",
+    "lora_embedding_A": "A",
+    "lora_embedding_B": "B",
+}
+LORA_NEUTRAL = {
+    "lora_bias": False,
+    "bias": "none",
+    "layers_to_transform": None,
+    "layer_replication": None,
+    "target_parameters": None,
+    "trainable_token_indices": None,
+}
+
+
 register_peft_format(
     PeftFormat(
         peft_type="LORA",
         method="lora",
-        tensor_names={
-            "lora_A.weight": "A",
-            "lora_B.weight": "B",
-            "lora_embedding_A": "A",
-            "lora_embedding_B": "B",
-        },
+        tensor_names=LORA_TENSOR_NAMES,
         config_from_peft=_lora_from_peft,
         config_to_peft=_lora_to_peft,
         export_tensors=_lora_tensors,
-        # PEFT LoRA options omnipeft's LoRA does not reproduce: refused, never ignored.
-        neutral={
-            "use_dora": False,
-            "lora_bias": False,
-            "bias": "none",
-            "layers_to_transform": None,
-            "layer_replication": None,
-            "target_parameters": None,
-            "trainable_token_indices": None,
-        },
+        neutral={"use_dora": False, **LORA_NEUTRAL},
     )
 )

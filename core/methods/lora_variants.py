@@ -50,7 +50,16 @@ from ..layers import Adapter, active_dropout, conv_forward, is_fan_in_fan_out, w
 from ..peft_format import PeftFormat, register_peft_format
 from ..registry import register
 from ..targeting import adapted_modules
-from .lora import LoRA, LoRAAdapter, _lora_from_peft, _lora_to_peft, layer_kind, linear_weight
+from .lora import (
+    LORA_NEUTRAL,
+    LORA_TENSOR_NAMES,
+    LoRA,
+    LoRAAdapter,
+    _lora_from_peft,
+    _lora_to_peft,
+    layer_kind,
+    linear_weight,
+)
 
 LINEAR_ONLY = "nn.Linear or transformers Conv1D"
 
@@ -723,15 +732,6 @@ class CapaBoostAdapter(LoRAAdapter):
 
 # --- HF PEFT spellings ------------------------------------------------------------------------
 
-LORA_NEUTRAL = {
-    "lora_bias": False,
-    "bias": "none",
-    "layers_to_transform": None,
-    "layer_replication": None,
-    "target_parameters": None,
-    "trainable_token_indices": None,
-}
-
 
 def _dora_from_peft(pc: dict) -> DoRA:
     return DoRA(**_lora_from_peft(pc).to_dict())
@@ -760,13 +760,7 @@ register_peft_format(
     PeftFormat(
         peft_type="LORA",
         method="dora",
-        tensor_names={
-            "lora_A.weight": "A",
-            "lora_B.weight": "B",
-            "lora_embedding_A": "A",
-            "lora_embedding_B": "B",
-            "lora_magnitude_vector": "magnitude",
-        },
+        tensor_names={**LORA_TENSOR_NAMES, "lora_magnitude_vector": "magnitude"},
         config_from_peft=_dora_from_peft,
         config_to_peft=_dora_to_peft,
         export_tensors=_dora_tensors,

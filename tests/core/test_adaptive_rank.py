@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 import core
-from conftest import make_llama, make_vit
+from conftest import adapters_of, llama_input, make_llama, make_vit, run_llama, run_vit
 from core.controllers import controllers_for
 from core.errors import ConfigError, TargetError
 from core.methods.adaptive_rank import (
@@ -22,7 +22,6 @@ from core.methods.adaptive_rank import (
     TriAdaptLoRA,
     block_ids,
 )
-from core.targeting import adapted_modules
 
 VIT_TARGETS = ["qkv", "proj", "fc1"]  # "proj" also hits the Conv2d patch_embed.proj
 
@@ -38,10 +37,6 @@ METHODS = {
     ),
     "diffora": lambda t: DiffoRA(r=2, search_steps=4, targets=t),
 }
-
-
-def adapters_of(model, name="default"):
-    return {p: w.adapters[name] for p, w in adapted_modules(model) if name in w.adapters}
 
 
 def train(model, x, steps, total=STEPS, lr=2e-2):
@@ -343,18 +338,9 @@ def test_diffora_discretisation_keeps_outputs_of_selected_modules_and_drops_the_
 # --- AdaLoRA and HF PEFT -------------------------------------------------------------------
 
 
-def llama_run(model, ids):
-    return model(input_ids=ids).logits
-
-
 PEFT_CASES = {
-    "vit": (make_vit, VIT_TARGETS + ["fc2"], lambda m, x: m(x), vit_input),
-    "llama": (
-        make_llama,
-        ["q_proj", "v_proj", "o_proj", "gate_proj"],
-        llama_run,
-        lambda: torch.randint(0, 128, (2, 9)),
-    ),
+    "vit": (make_vit, VIT_TARGETS + ["fc2"], run_vit, vit_input),
+    "llama": (make_llama, ["q_proj", "v_proj", "o_proj", "gate_proj"], run_llama, llama_input),
 }
 
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 import core
-from conftest import make_llama, make_vit
+from conftest import make_llama, make_vit, perturb
 from core.batching import batch_adapters
 from core.config import AdapterConfig
 from core.layers import Adapter
@@ -15,13 +15,6 @@ from core.methods.lora import LoRA
 from core.methods.orthogonal import OFT
 from core.methods.prompts import VPT
 from core.methods.scaling import IA3, SSF
-
-
-def randomise(model: nn.Module, std: float = 0.2) -> None:
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".adapters." in name:
-                p.add_(torch.randn_like(p) * std)
 
 
 def alone(model: nn.Module, x: torch.Tensor, names: list, run=lambda m, x: m(x)) -> torch.Tensor:
@@ -37,7 +30,7 @@ def lora_vit(names=("a", "b", "c")) -> nn.Module:
     model = make_vit()
     for i, name in enumerate(names):
         core.inject(model, LoRA(r=2 + i, alpha=4, targets=["qkv", "fc1", "fc2"]), name=name)
-    randomise(model)
+    perturb(model, std=0.2)
     return model
 
 
@@ -55,7 +48,7 @@ def test_lora_mixed_batch_equals_each_sample_alone_on_llama():
     model = make_llama()
     for name, r in (("x", 2), ("y", 4)):
         core.inject(model, LoRA(r=r, alpha=8, targets=["q_proj", "v_proj", "down_proj"]), name=name)
-    randomise(model)
+    perturb(model, std=0.2)
     ids = torch.randint(0, 128, (3, 7))
     names = ["y", "x", None]
 
@@ -94,7 +87,7 @@ def test_other_weight_space_methods_mix_in_one_batch():
     core.inject(model, IA3(targets=["fc2", "qkv"], feedforward_modules=["fc2"]), name="ia3")
     core.inject(model, LoRA(r=2, targets=["patch_embed.proj", "fc1"]), name="conv_lora")
     core.inject(model, SSF(targets=["norm1"]), name="ssf")
-    randomise(model, std=0.1)
+    perturb(model, std=0.1)
     x = torch.randn(5, 3, 32, 32)
     names = ["ia3", "oft", None, "conv_lora", "ssf"]
     with torch.no_grad():
@@ -168,7 +161,7 @@ def test_bottleneck_adapters_mix_in_one_batch():
     model = make_vit()
     core.inject(model, core.Bottleneck(bottleneck=8, targets=["mlp"]), name="p")
     core.inject(model, core.Bottleneck(bottleneck=4, mode="parallel", targets=["mlp"]), name="q")
-    randomise(model)
+    perturb(model, std=0.2)
     x = torch.randn(4, 3, 32, 32)
     names = ["q", "p", None, "q"]
     with torch.no_grad():

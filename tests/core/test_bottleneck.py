@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import core
-from conftest import make_llama, make_vit
+from conftest import adapters_of, make_llama, make_vit, own_params, randomise
 from core.errors import CheckpointError, ConfigError, MergeError, TargetError
 from core.inject import adapter_config
 from core.methods.bottleneck import (
@@ -81,21 +81,6 @@ METHOD_CONFIGS = {  # name: family -> config
 }
 
 
-def adapters_of(model, name="default"):
-    return {p: w.adapters[name] for p, w in adapted_modules(model) if name in w.adapters}
-
-
-def randomise_adapters(model, std=0.1):
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".adapters." in name:
-                p.normal_(std=std)
-
-
-def own_params(module):
-    return sum(p.numel() for p in module.parameters())
-
-
 # --- identity at start, on four model families -----------------------------------------
 
 
@@ -110,7 +95,7 @@ def test_starts_as_the_frozen_model(family, method):
         adapted = run(model, x)
     assert len(adapters_of(model)) >= 1
     torch.testing.assert_close(adapted, frozen, atol=1e-6, rtol=0)
-    randomise_adapters(model)  # and the adapters do act once trained
+    randomise(model, std=0.1)  # and the adapters do act once trained
     with torch.no_grad():
         assert (run(model, x) - frozen).abs().max() > 1e-3
 
@@ -144,7 +129,7 @@ class TupleBlock(nn.Module):
 def wrapped_tuple_block(cfg):
     model = nn.Sequential(TupleBlock())
     core.inject(model, cfg)
-    randomise_adapters(model, std=0.5)
+    randomise(model, std=0.5)
     return model, model[0].adapters["default"], model[0].base_layer
 
 
@@ -210,7 +195,7 @@ def test_compacter_equation_and_zero_up_start():
     core.inject(model, cfg)
     a = model[0].adapters["default"]
     assert torch.count_nonzero(a.up.s) == 0 and torch.count_nonzero(a.up.t) > 0
-    randomise_adapters(model, std=0.5)
+    randomise(model, std=0.5)
     x = torch.randn(3, 6)
     with pytest.raises(RuntimeError, match="built for outputs with 8 features"):
         a.adapt(x, torch.randn(3, 7))
@@ -349,7 +334,7 @@ def test_merge_is_refused_and_changes_nothing(method):
     cfg = METHOD_CONFIGS[method]("timm_vit")
     assert METHODS[cfg.method].mergeable is False
     core.inject(model, cfg)
-    randomise_adapters(model)
+    randomise(model, std=0.1)
     before_out = model(x)
     before_state = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(MergeError, match="acts on activations"):
@@ -415,7 +400,7 @@ def test_save_load_round_trip_is_exact(tmp_path, method):
     base, x = make_vit(), torch.randn(2, 3, 32, 32)
     fresh = copy.deepcopy(base)
     core.inject(base, METHOD_CONFIGS[method]("timm_vit"), name="task")
-    randomise_adapters(base)
+    randomise(base, std=0.1)
     expected = base(x)
     core.save_adapter(base, tmp_path, name="task")
     core.load_adapter(fresh, tmp_path, name="task")
@@ -427,7 +412,7 @@ def test_compacter_checkpoint_keeps_the_rule_shared(tmp_path):
     base, x = make_vit(), torch.randn(2, 3, 32, 32)
     fresh = copy.deepcopy(base)
     core.inject(base, Compacter.preset("houlsby", "timm_vit", bottleneck=8))
-    randomise_adapters(base)
+    randomise(base, std=0.1)
     rule = next(a.rule for a in adapters_of(base).values()).detach().clone()
     core.save_adapter(base, tmp_path)
     tensors = safetensors.torch.load_file(tmp_path / "adapter.safetensors")
@@ -458,7 +443,7 @@ def test_compacter_torch_state_dict_round_trip_keeps_the_rule_shared():
     a, b, x = make_vit(), make_vit(), torch.randn(2, 3, 32, 32)
     core.inject(a, cfg)
     core.inject(b, cfg)
-    randomise_adapters(a)
+    randomise(a, std=0.1)
     b.load_state_dict(a.state_dict())  # strict: every layer's phm_rule entry is accepted
     assert torch.equal(a(x), b(x))
     found = adapters_of(b)
@@ -483,7 +468,7 @@ def test_named_adapters_switch_and_stack():
     frozen = model(x)
     core.inject(model, Bottleneck.preset("pfeiffer", "timm_vit"), name="a")
     core.inject(model, Bottleneck.preset("scaled_parallel", "timm_vit", bottleneck=8), name="b")
-    randomise_adapters(model)
+    randomise(model, std=0.1)
     outputs = {}
     for active in (["a"], ["b"], ["a", "b"], []):
         core.set_active(model, active)
@@ -528,7 +513,7 @@ def test_same_compacter_config_in_two_models_gives_each_its_own_rule():
 def test_deepcopy_keeps_the_rule_shared_within_the_copy():
     model, x = make_vit(), torch.randn(2, 3, 32, 32)
     core.inject(model, Compacter.preset("houlsby", "timm_vit", bottleneck=8))
-    randomise_adapters(model)
+    randomise(model, std=0.1)
     clone = copy.deepcopy(model)
     rules = {id(a.rule) for a in adapters_of(clone).values()}
     assert len(rules) == 1 and rules.isdisjoint({id(a.rule) for a in adapters_of(model).values()})
@@ -569,7 +554,7 @@ def test_hidden_size_lets_a_block_without_linear_layers_be_adapted():
     with pytest.raises(TargetError, match="pass hidden_size"):
         core.inject(model, Bottleneck(targets=["0"]))
     core.inject(model, Bottleneck(targets=["0"], hidden_size=32))
-    randomise_adapters(model)
+    randomise(model, std=0.1)
     x = torch.randn(2, 32)
     assert model(x).shape == (2, 32) and not torch.equal(model(x), 2 * x)
     with pytest.raises(RuntimeError, match="was built for outputs with 32 features"):

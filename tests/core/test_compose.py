@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import core
-from conftest import make_llama, make_vit
+from conftest import make_llama, make_vit, randomise
 from core import compose
 from core.compose import (
     AdapterFusion,
@@ -41,13 +41,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def randomise(model, key=".adapters.", std=0.1):
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if key in name:
-                p.normal_(std=std)
 
 
 def vit_x(n=2):
@@ -78,7 +71,7 @@ def two_loras(targets_b=("qkv", "fc2")):
     model = make_vit()
     core.inject(model, core.LoRA(r=4, alpha=8, targets=["qkv", "fc1", "proj"]), "a")
     core.inject(model, core.LoRA(r=2, alpha=6, targets=list(targets_b)), "b")
-    randomise(model)
+    randomise(model, std=0.1)
     return model
 
 
@@ -124,7 +117,7 @@ def test_lora_negation_on_top_of_itself_gives_the_base_output(build, targets, x)
     inputs = x()
     base = run(model, inputs)
     core.inject(model, core.LoRA(r=4, alpha=8, targets=targets), "a")
-    randomise(model)
+    randomise(model, std=0.1)
     compose.negate(model, "a", "neg")
     neg = adapters_named(model, "neg")
     for path, adapter in adapters_named(model, "a").items():  # (A, -B): the product negated
@@ -172,7 +165,7 @@ def test_parameter_space_addition_is_the_papers_elementwise_sum():
     model = make_vit()
     for name in ("a", "b"):
         core.inject(model, core.LoRA(r=4, alpha=8, targets=["qkv"]), name)
-    randomise(model)
+    randomise(model, std=0.1)
     compose.add(model, {"a": 0.3, "b": 0.7}, "mix", space="parameters")
     a, b, m = (adapters_named(model, k) for k in ("a", "b", "mix"))
     for path in a:
@@ -188,7 +181,7 @@ def test_language_task_arithmetic_adds_the_language_difference():
     model = make_vit()
     for name in ("task", "de", "en"):
         core.inject(model, core.LoRA(r=2, targets=["qkv", "fc1"]), name)
-    randomise(model)
+    randomise(model, std=0.1)
     compose.language_task_arithmetic(
         model, "task", "de", "task_de", source_language="en", language_weight=0.8
     )
@@ -441,7 +434,7 @@ def payload_bytes(folder):
 def test_compressed_checkpoint_size_and_error_follow_the_formula(tmp_path, density):
     model = make_vit()
     core.inject(model, core.LoRA(r=4, targets=VIT_LORA), "a")
-    randomise(model)
+    randomise(model, std=0.1)
     core.save_adapter(model, tmp_path / "a", name="a")
     out = compose.compress(tmp_path / "a", density=density)
     original = AdapterState.load(tmp_path / "a")
@@ -547,7 +540,7 @@ def mixed():
     core.inject(model, core.LoRA(r=4, targets=["qkv", "fc1"]), "a")
     core.inject(model, core.LoRA(r=2, targets=["qkv", "fc2"]), "b")
     core.inject(model, core.Bottleneck(targets=["mlp"]), "c")
-    randomise(model)
+    randomise(model, std=0.1)
     return model
 
 
@@ -588,7 +581,7 @@ def test_batch_split_on_llama_splits_the_attention_mask_too():
     model = make_llama()
     core.inject(model, core.LoRA(r=4, targets=["q_proj", "v_proj"]), "a")
     core.inject(model, core.Bottleneck(targets=["mlp"]), "b")
-    randomise(model)
+    randomise(model, std=0.1)
     ids = torch.randint(0, 128, (3, 6))
     mask = torch.ones(3, 6, dtype=torch.long)
     mask[0, :2] = 0
@@ -613,7 +606,7 @@ def test_average_of_loras_equals_their_averaged_update(mixed):
 
 def test_average_of_activation_space_adapters_averages_outputs(mixed):
     core.inject(mixed, core.Bottleneck(targets=["mlp"], reduction_factor=8), "d")
-    randomise(mixed)
+    randomise(mixed, std=0.1)
     mlp = mixed.blocks[1].mlp
     h = torch.randn(2, 5, 64)
     with torch.no_grad(), compose.composed(mixed, Average("c", "d")):
@@ -626,7 +619,7 @@ def test_stack_then_average_acts_on_the_stacked_output():
     layer = nn.Sequential(nn.Linear(16, 16))
     for name in ("a", "b", "c"):
         core.inject(layer, core.LoRA(r=2, targets=["0"]), name)
-    randomise(layer)
+    randomise(layer, std=0.1)
     x = torch.randn(4, 16)
     out = composed(layer, Stack("a", Average("b", "c")), x)
     w = {n: adapters_named(layer, n)["0"].delta_weight() for n in "abc"}

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import core
+from conftest import adapters_of
 from core.controllers import ControllerSet, controllers_for
 from core.errors import ConfigError
 from core.lightning import PeftModule
@@ -23,7 +24,6 @@ from core.methods.adaptive_rank import (
     TriAdaptLoRA,
     cubic_budget,
 )
-from core.targeting import adapted_modules
 
 TARGETS = ["0", "2", "4"]
 
@@ -38,10 +38,6 @@ def mlp() -> nn.Module:
 def data():
     gen = torch.Generator().manual_seed(3)
     return torch.randn(32, 16, generator=gen), torch.randn(32, 4, generator=gen)
-
-
-def adapters_of(model, name="default"):
-    return {p: w.adapters[name] for p, w in adapted_modules(model) if name in w.adapters}
 
 
 def run(model, steps, *, total=None, lr=1e-2, inspect=None, controllers=None, first=1, opt="adamw"):

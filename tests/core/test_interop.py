@@ -7,36 +7,14 @@ import pytest
 import torch
 
 import core
-from conftest import make_llama, make_vit
+from conftest import make_llama, make_vit, model_cases, randomise, vit_input
 from core.errors import CheckpointError
 
 VIT_TARGETS = ["qkv", "proj", "fc1", "fc2"]  # "proj" also hits patch_embed.proj, a Conv2d
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "embed_tokens"]
 
 
-def vit_input():
-    return torch.randn(2, 3, 32, 32)
-
-
-def llama_input():
-    return torch.randint(0, 128, (2, 9))
-
-
-def llama_out(model, ids):
-    return model(input_ids=ids).logits
-
-
-def randomise(model, key):
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if key in name:
-                p.normal_(std=0.2)
-
-
-CASES = {
-    "vit": (make_vit, vit_input, lambda m, x: m(x), VIT_TARGETS),
-    "llama": (make_llama, llama_input, llama_out, LLAMA_TARGETS),
-}
+CASES = model_cases(VIT_TARGETS, LLAMA_TARGETS)
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -12,7 +12,17 @@ import torch.nn as nn
 from peft.tuners.lokr.layer import factorization as peft_factorization
 
 import core
-from conftest import make_llama, make_vit
+from conftest import (
+    adapters_of,
+    assert_identity_merge_and_checkpoint,
+    assert_merge_exact,
+    make_llama,
+    make_vit,
+    model_cases,
+    own_params,
+    randomise,
+    vit_input,
+)
 from core.errors import ConfigError, TargetError
 from core.methods.kronecker import (
     SURM,
@@ -23,55 +33,12 @@ from core.methods.kronecker import (
     factorization,
     skew_circulant_matrix,
 )
-from core.targeting import adapted_modules
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
-def vit_input():
-    return torch.randn(2, 3, 32, 32)
-
-
-def llama_input():
-    return torch.randint(0, 128, (2, 9))
-
-
-def run_llama(model, ids):
-    return model(input_ids=ids).logits
-
-
-CASES = {
-    # "proj" also hits patch_embed.proj, a Conv2d with an 8 x 8 kernel
-    "vit": (make_vit, vit_input, lambda m, x: m(x), ["qkv", "proj", "fc1"]),
-    "llama": (make_llama, llama_input, run_llama, ["q_proj", "v_proj", "down_proj"]),
-}
-
-
-def randomise(model, key=".adapters.", std=0.2):
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if key in name:
-                p.normal_(std=std)
-
-
-def adapters_of(model, name="default"):
-    return {path: w.adapters[name] for path, w in adapted_modules(model) if name in w.adapters}
-
-
-def own_params(adapter):
-    return sum(p.numel() for p in adapter.parameters())
-
-
-def assert_merge_exact(model, x, run):
-    weights = {k: v.clone() for k, v in model.state_dict().items() if "base_layer" in k}
-    with torch.no_grad():
-        unmerged = run(model, x)
-        core.merge(model)
-        torch.testing.assert_close(run(model, x), unmerged, atol=1e-5, rtol=1e-5)
-        core.unmerge(model)
-    for key, value in model.state_dict().items():
-        if key in weights:
-            torch.testing.assert_close(value, weights[key], atol=1e-6, rtol=0)
+# "proj" also hits patch_embed.proj, a Conv2d with an 8 x 8 kernel
+CASES = model_cases(["qkv", "proj", "fc1"], ["q_proj", "v_proj", "down_proj"])
 
 
 # --- configs ---------------------------------------------------------------------------------
@@ -347,23 +314,7 @@ EVERY = {
 
 @pytest.mark.parametrize("method", EVERY)
 def test_identity_merge_and_checkpoint_for_every_method(tmp_path, method):
-    model = make_vit()
-    pristine = copy.deepcopy(model)
-    x = vit_input()
-    with torch.no_grad():
-        before = model(x)
-    core.inject(model, EVERY[method](["qkv", "fc2"]))
-    with torch.no_grad():
-        torch.testing.assert_close(model(x), before, atol=1e-5, rtol=1e-5)
-    randomise(model, std=0.05)
-    with torch.no_grad():
-        adapted = model(x)
-    assert not torch.allclose(adapted, before, atol=1e-4)
-    assert_merge_exact(model, x, lambda m, x: m(x))
-    core.save_adapter(model, tmp_path)
-    core.load_adapter(pristine, tmp_path)
-    with torch.no_grad():
-        torch.testing.assert_close(pristine(x), adapted, atol=1e-5, rtol=1e-5)
+    assert_identity_merge_and_checkpoint(tmp_path, EVERY[method](["qkv", "fc2"]))
 
 
 @pytest.mark.parametrize("method", EVERY)

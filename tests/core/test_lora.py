@@ -5,15 +5,8 @@ import torch
 import torch.nn as nn
 
 import core
+from conftest import randomise
 from core.layers import AdaptedModule
-
-
-def randomise_adapters(model, std=0.1):
-    """Give every adapter tensor non-zero values so updates are visible."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".adapters." in name:
-                p.normal_(std=std)
 
 
 class Net(nn.Module):
@@ -44,7 +37,7 @@ def test_forward_follows_the_equation_on_linear():
     lin = nn.Linear(6, 5)
     model = nn.Sequential(lin)
     core.inject(model, core.LoRA(r=3, alpha=6, targets=["0"]))
-    randomise_adapters(model)
+    randomise(model, std=0.1)
     a, b = model[0].adapters["default"].A, model[0].adapters["default"].B
     x = torch.randn(4, 6)
     expected = x @ lin.weight.T + lin.bias + (6 / 3) * x @ a.T @ b.T
@@ -58,7 +51,7 @@ def test_merge_unmerge_exact_on_every_layer_type(use_rslora):
         net,
         core.LoRA(r=2, alpha=3, use_rslora=use_rslora, targets=["emb", "lin", "c1", "c2", "c3"]),
     )
-    randomise_adapters(net)
+    randomise(net, std=0.1)
     weights = {k: v.clone() for k, v in net.state_dict().items() if "base_layer" in k}
     x = inputs()
     adapted = net(*x)
@@ -103,7 +96,7 @@ def test_gradients_reach_only_the_adapter():
 def test_dropout_acts_in_training_only():
     model = nn.Sequential(nn.Linear(16, 16))
     core.inject(model, core.LoRA(r=4, dropout=0.5, targets=["0"]))
-    randomise_adapters(model)
+    randomise(model, std=0.1)
     x = torch.randn(8, 16)
     model.eval()
     assert torch.equal(model(x), model(x))
@@ -126,7 +119,7 @@ def test_transformers_conv1d_gpt2_layout():
     model = nn.Sequential(Conv1D(10, 6))  # weight stored (in=6, out=10)
     x = torch.randn(3, 6)
     core.inject(model, core.LoRA(r=2, alpha=2, targets=["0"]))
-    randomise_adapters(model)
+    randomise(model, std=0.1)
     a, b = model[0].adapters["default"].A, model[0].adapters["default"].B
     torch.testing.assert_close(model(x), x @ model[0].weight + model[0].bias + x @ a.T @ b.T)
     before = model(x)

@@ -13,7 +13,19 @@ import torch
 import torch.nn as nn
 
 import core
-from conftest import make_llama, make_vit
+from conftest import (
+    adapters_of,
+    assert_identity_merge_and_checkpoint,
+    assert_merge_exact,
+    llama_input,
+    make_llama,
+    make_vit,
+    model_cases,
+    own_params,
+    randomise,
+    run_llama,
+    vit_input,
+)
 from core.errors import CheckpointError, ConfigError, TargetError
 from core.inject import adapter_config
 from core.methods.lora import LoRA
@@ -29,57 +41,14 @@ from core.methods.lora_variants import (
     vera_projections,
 )
 from core.peft_format import format_for_method, format_for_peft
-from core.targeting import adapted_modules
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
-def vit_input():
-    return torch.randn(2, 3, 32, 32)
-
-
-def llama_input():
-    return torch.randint(0, 128, (2, 9))
-
-
-def run_llama(model, ids):
-    return model(input_ids=ids).logits
-
-
-CASES = {
-    "vit": (make_vit, vit_input, lambda m, x: m(x)),
-    "llama": (make_llama, llama_input, run_llama),
-}
+CASES = model_cases()
 # "proj" also hits the ViT's patch_embed.proj (a Conv2d); embed_tokens is an Embedding.
 DORA_TARGETS = {"vit": ["qkv", "proj", "fc1"], "llama": ["q_proj", "v_proj", "embed_tokens"]}
 LINEAR_TARGETS = {"vit": ["qkv", "fc1", "fc2"], "llama": ["q_proj", "v_proj", "down_proj"]}
-
-
-def randomise(model, key=".adapters.", std=0.2):
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if key in name:
-                p.normal_(std=std)
-
-
-def adapters_of(model, name="default"):
-    return {path: w.adapters[name] for path, w in adapted_modules(model) if name in w.adapters}
-
-
-def own_params(adapter):
-    return sum(p.numel() for p in adapter.parameters())
-
-
-def assert_merge_exact(model, x, run):
-    weights = {k: v.clone() for k, v in model.state_dict().items() if "base_layer" in k}
-    with torch.no_grad():
-        unmerged = run(model, x)
-        core.merge(model)
-        torch.testing.assert_close(run(model, x), unmerged, atol=1e-5, rtol=1e-5)
-        core.unmerge(model)
-    for key, value in model.state_dict().items():
-        if key in weights:
-            torch.testing.assert_close(value, weights[key], atol=1e-6, rtol=0)
 
 
 # --- configs ---------------------------------------------------------------------------------
@@ -533,23 +502,7 @@ EVERY = {
 
 @pytest.mark.parametrize("method", EVERY)
 def test_identity_merge_and_checkpoint_for_every_method(tmp_path, method):
-    model = make_vit()
-    pristine = copy.deepcopy(model)
-    x = vit_input()
-    with torch.no_grad():
-        before = model(x)
-    core.inject(model, EVERY[method](["qkv", "fc2"]))
-    with torch.no_grad():
-        torch.testing.assert_close(model(x), before, atol=1e-5, rtol=1e-5)
-    randomise(model, std=0.05)
-    with torch.no_grad():
-        adapted = model(x)
-    assert not torch.allclose(adapted, before, atol=1e-4)
-    assert_merge_exact(model, x, lambda m, x: m(x))
-    core.save_adapter(model, tmp_path)
-    core.load_adapter(pristine, tmp_path)
-    with torch.no_grad():
-        torch.testing.assert_close(pristine(x), adapted, atol=1e-5, rtol=1e-5)
+    assert_identity_merge_and_checkpoint(tmp_path, EVERY[method](["qkv", "fc2"]))
 
 
 @pytest.mark.parametrize("method", EVERY)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import core
-from conftest import make_llama, make_vit
+from conftest import make_llama, make_vit, perturb
 from core.errors import ConfigError, MergeError, TargetError
 from core.methods.bottleneck import Bottleneck
 from core.methods.lora import LoRA
@@ -44,13 +44,6 @@ def logits(model, ids):
 
 def adapters(model, name="default"):
     return {p: w.adapters[name] for p, w in adapted_modules(model) if name in w.adapters}
-
-
-def randomise(model, std=0.1):
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if ".adapters." in n:
-                p.add_(torch.randn_like(p) * std)
 
 
 def make_moe(kind: str):
@@ -168,7 +161,7 @@ def test_mov_with_one_expert_is_ia3():
     mov, ia3 = llama_pair()
     core.inject(mov, MoV(num_experts=1, **IA3_SITES))
     core.inject(ia3, IA3(**IA3_SITES))
-    randomise(mov)
+    perturb(mov)
     for path, adapter in adapters(mov).items():
         adapters(ia3)[path].scale.data.copy_(
             adapter.experts[0, 0].reshape_as(adapters(ia3)[path].scale)
@@ -181,7 +174,7 @@ def test_mov_with_uniform_routing_is_ia3_with_the_mean_vector():
     mov, ia3 = llama_pair()
     core.inject(mov, MoV(num_experts=5, **IA3_SITES))
     core.inject(ia3, IA3(**IA3_SITES))
-    randomise(mov)
+    perturb(mov)
     for path, adapter in adapters(mov).items():
         adapter.router.weight.data.zero_()  # equal logits: p_i = 1/n for every token
         mean = adapter.experts[0].mean(dim=0)
@@ -197,7 +190,7 @@ def test_molora_reduces_to_lora(experts):
     molora, lora = llama_pair()
     core.inject(molora, MoLoRA(num_experts=experts, r=2, alpha=4, targets=["q_proj", "down_proj"]))
     core.inject(lora, LoRA(r=2 * experts, alpha=4 * experts, targets=["q_proj", "down_proj"]))
-    randomise(molora)
+    perturb(molora)
     for path, adapter in adapters(molora).items():
         adapter.router.weight.data.zero_()
         adapters(lora)[path].A.data.copy_(adapter.A)
@@ -211,7 +204,7 @@ def test_pesc_with_one_expert_is_the_sequential_bottleneck_adapter():
     fields = {"bottleneck": 8, "activation": "relu", "scale": 1.0}
     core.inject(pesc, PESC(num_experts=1, top_k=1, dropout=0.0, targets=["mlp"], **fields))
     core.inject(bottleneck, Bottleneck(mode="sequential", targets=["mlp"], **fields))
-    randomise(pesc)
+    perturb(pesc)
     for path, adapter in adapters(pesc).items():
         other = adapters(bottleneck)[path]
         other.down.weight.data.copy_(adapter.down)
@@ -299,7 +292,7 @@ def test_perft_starts_unchanged_then_adapts_and_round_trips(kind, variant, tmp_p
     core.inject(model, PERFT(targets=["mlp"], variant=variant))
     ids = tokens(64, (2, 5))
     assert torch.equal(logits(model, ids), logits(frozen, ids))
-    randomise(model)
+    perturb(model)
     adapted = logits(model, ids)
     assert not torch.allclose(adapted, logits(frozen, ids), atol=1e-4)
     core.save_adapter(model, tmp_path / "a")
@@ -324,7 +317,7 @@ def test_perft_parameter_counts_follow_the_formulas(kind):
 def test_perft_embedded_reuses_the_blocks_own_routing():
     model, frozen = moe_pair("mixtral")
     core.inject(model, PERFT(targets=["mlp"], variant="embedded", bottleneck=4, scale=2.0))
-    randomise(model)
+    perturb(model)
     block = model.model.layers[0].mlp
     adapter = block.adapters["default"]
     x = torch.randn(1, 5, 32)
@@ -344,7 +337,7 @@ def test_perft_routed_with_one_expert_is_single_and_reports_its_aux_loss():
     routed, single = moe_pair("mixtral")
     core.inject(routed, PERFT(targets=["mlp"], variant="routed", num_experts=1, top_k=1))
     core.inject(single, PERFT(targets=["mlp"], variant="single"))
-    randomise(routed)
+    perturb(routed)
     for path, adapter in adapters(routed).items():
         adapters(single)[path].down.data.copy_(adapter.down)
         adapters(single)[path].up.data.copy_(adapter.up)
@@ -399,7 +392,7 @@ def test_mpoe_counts_trains_only_auxiliary_tensors_and_round_trips(tmp_path):
     loss = logits(model, ids).logsumexp(-1).mean() + core.aux_loss(model)
     loss.backward()
     assert all(p.grad is not None for p in adapter.aux) and adapter.central.grad is None
-    randomise(model, std=0.05)
+    perturb(model, std=0.05)
     model.eval()
     adapted = logits(model, ids)
     assert not torch.allclose(adapted, logits(fresh, ids), atol=1e-4)
@@ -476,7 +469,7 @@ def test_counts_on_the_meta_device(cfg, per_layer):
 def test_save_load_round_trip(cfg, tmp_path):
     model, fresh = llama_pair()
     core.inject(model, cfg)
-    randomise(model)
+    perturb(model)
     ids = tokens()
     adapted = logits(model, ids)
     core.save_adapter(model, tmp_path / "a")
@@ -579,7 +572,7 @@ def test_bottleneck_routing_functions_follow_their_formulas(routing):
     ids, visual = tokens(), torch.randn(2, 3, 64)
     with routing_features(model, visual):
         assert torch.equal(logits(model, ids), logits(frozen, ids))  # W_up starts at zero
-    randomise(model)
+    perturb(model)
     adapter = model.model.layers[0].mlp.adapters["default"]
     h, x = torch.randn(2, 5, 64), torch.randn(2, 5, 64)
     t, v = adapter.down(h), adapter.down(visual)

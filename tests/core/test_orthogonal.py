@@ -11,7 +11,13 @@ import torch
 import torch.nn as nn
 
 import core
-from conftest import make_llama, make_vit
+from conftest import (
+    adapters_of,
+    make_vit,
+    model_cases,
+    perturb,
+    vit_input,
+)
 from core.errors import CheckpointError, ConfigError, TargetError
 from core.methods.orthogonal import BOFT, OFT, QGOFT, butterfly_perm, givens_pairs
 from core.targeting import adapted_modules
@@ -23,33 +29,7 @@ LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj
 pytestmark = pytest.mark.filterwarnings("ignore")  # PEFT's BOFT warns when CUDA is absent
 
 
-def vit_input():
-    return torch.randn(2, 3, 32, 32)
-
-
-def llama_input():
-    return torch.randint(0, 128, (2, 9))
-
-
-def run_llama(model, ids):
-    return model(input_ids=ids).logits
-
-
-CASES = {
-    "vit": (make_vit, vit_input, lambda m, x: m(x), VIT_LINEAR),
-    "llama": (make_llama, llama_input, run_llama, LLAMA_TARGETS),
-}
-
-
-def perturb(model, key=".adapters.", std=0.1):
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if key in name:
-                p.add_(torch.randn_like(p) * std)
-
-
-def adapters_of(model, name="default"):
-    return {path: w.adapters[name] for path, w in adapted_modules(model)}
+CASES = model_cases(VIT_LINEAR, LLAMA_TARGETS)
 
 
 def orthogonality_error(matrix):

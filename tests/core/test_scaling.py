@@ -10,18 +10,10 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from transformers.pytorch_utils import Conv1D
 
 import core
-from conftest import make_llama, make_vit
+from conftest import make_llama, make_vit, model_cases, perturb
 from core.errors import CheckpointError, ConfigError, MergeError, TargetError
 from core.methods.scaling import IA3, SSF, BitFit, DiffFit, LNTuning
 from core.targeting import adapted_modules
-
-
-def perturb(model, std=0.3):
-    """Move every adapter tensor off its initial value so the adapter changes outputs."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".adapters." in name:
-                p.add_(torch.randn_like(p) * std)
 
 
 def base_state(model):
@@ -127,7 +119,7 @@ def test_merge_equals_unmerged_forward_and_unmerge_restores(method):
     net = make_net()
     pristine = base_state(net)
     core.inject(net, CONFIGS[method])
-    perturb(net)
+    perturb(net, std=0.3)
     x = inputs()
     with torch.no_grad():
         adapted = net(*x)
@@ -148,7 +140,7 @@ def test_merge_equals_unmerged_forward_and_unmerge_restores(method):
 def test_merge_into_bias_less_layers_creates_then_removes_the_bias():
     net = make_net()
     core.inject(net, BitFit(targets=["lin_nb", "ln_nb"], create_missing_bias=True))
-    perturb(net)
+    perturb(net, std=0.3)
     core.merge(net)
     delta = net.lin_nb.adapters["default"].bias_delta
     torch.testing.assert_close(net.lin_nb.base_layer.bias, delta.detach())
@@ -165,7 +157,7 @@ def test_forward_follows_the_equations():
     def adapted(cfg):
         model = nn.Sequential(copy.deepcopy(lin))
         core.inject(model, cfg)
-        perturb(model)
+        perturb(model, std=0.3)
         return model, model[0].adapters["default"]
 
     model, a = adapted(IA3(targets=["0"]))  # l * (W x + b)
@@ -184,7 +176,7 @@ def test_norm_tuning_recomputes_the_norm_with_the_shifted_affine():
     norm = nn.LayerNorm(6)
     model = nn.Sequential(norm)
     core.inject(model, LNTuning(targets=["0"]))
-    perturb(model)
+    perturb(model, std=0.3)
     a = model[0].adapters["default"]
     x = torch.randn(3, 6)
     want = nn.functional.layer_norm(x, (6,), norm.weight + a.weight_delta, norm.bias + a.bias_delta)
@@ -195,7 +187,7 @@ def test_channel_first_layers_scale_the_channel_dim():
     conv = nn.Conv2d(3, 4, 3)
     model = nn.Sequential(conv)
     core.inject(model, SSF(targets=["0"]))
-    perturb(model)
+    perturb(model, std=0.3)
     a = model[0].adapters["default"]
     img = torch.randn(2, 3, 5, 5)
     want = conv(img) * a.gamma.view(1, 4, 1, 1) + a.beta.view(1, 4, 1, 1)
@@ -253,14 +245,7 @@ def test_meta_device_models_are_planned_and_counted():
 # --- HF PEFT parity ------------------------------------------------------------------
 
 
-def llama_run(model, ids):
-    return model(input_ids=ids).logits
-
-
-CASES = {
-    "llama": (make_llama, lambda: torch.randint(0, 128, (2, 9)), llama_run),
-    "vit": (make_vit, lambda: torch.randn(2, 3, 32, 32), lambda m, x: m(x)),
-}
+CASES = model_cases()
 IA3_TARGETS = {
     "llama": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
     "vit": (["qkv", "fc2", "patch_embed.proj"], ["fc2"]),  # patch_embed.proj is a Conv2d
@@ -305,7 +290,7 @@ def test_ia3_exported_adapter_loads_in_peft_with_identical_outputs(tmp_path, cas
     model = build()
     pristine = copy.deepcopy(model)
     core.inject(model, IA3(targets=targets, feedforward_modules=feedforward))
-    perturb(model)
+    perturb(model, std=0.3)
     core.interop.save_peft(model, tmp_path)
     theirs = peft.PeftModel.from_pretrained(pristine, tmp_path)
     x = make_x()
@@ -347,7 +332,7 @@ def test_ia3_feedforward_names_keep_peft_meaning_both_ways(tmp_path):
     mine = copy.deepcopy(base)
     core.inject(mine, IA3(targets=["proj", "out_proj"], feedforward_modules=["proj"]))
     assert not mine.out_proj.adapters["default"].input_side
-    perturb(mine)
+    perturb(mine, std=0.3)
     core.interop.save_peft(mine, tmp_path / "ours")
     reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
     torch.testing.assert_close(reloaded(x), mine(x))
@@ -374,7 +359,7 @@ def test_ln_tuning_peft_parity_both_ways(tmp_path, case):
     # ours -> PEFT, unmerged and merged (the export reads the tuned affine either way).
     mine = copy.deepcopy(base)
     core.inject(mine, LNTuning(targets=LN_TARGETS[case]))
-    perturb(mine)
+    perturb(mine, std=0.3)
     with torch.no_grad():
         want = run(mine, x)
         for state in ("unmerged", "merged"):
@@ -400,7 +385,7 @@ def test_save_load_round_trip(tmp_path, method):
     net = make_net()
     fresh = copy.deepcopy(net)
     core.inject(net, CONFIGS[method])
-    perturb(net)
+    perturb(net, std=0.3)
     core.save_adapter(net, tmp_path)
     core.load_adapter(fresh, tmp_path)
     x = inputs()
@@ -421,7 +406,7 @@ def test_zero_scales_merge_and_unmerge_exactly(feedforward):
     original = {k: v.clone() for k, v in lin.state_dict().items()}
     model = nn.Sequential(lin)
     core.inject(model, IA3(targets=["0"], feedforward_modules=feedforward))
-    perturb(model)
+    perturb(model, std=0.3)
     with torch.no_grad():
         model[0].adapters["default"].scale.view(-1)[:2] = 0.0
     x = torch.randn(3, 6)
@@ -461,7 +446,7 @@ def test_ssf_merges_into_a_llama_rmsnorm_but_refuses_other_affine_forms():
     # LN tuning needs no assumption about the affine form: it shifts the weight itself.
     core.delete_adapter(other, "default")
     core.inject(other, LNTuning(targets=["0"]))
-    perturb(other)
+    perturb(other, std=0.3)
     with torch.no_grad():
         adapted = other(x)
         core.merge(other)
@@ -472,12 +457,12 @@ def test_ssf_shift_into_bias_less_layer_needs_create_missing_bias():
     net = make_net()
     pristine = base_state(net)
     core.inject(net, SSF(targets=["lin_nb"]))
-    perturb(net)
+    perturb(net, std=0.3)
     with pytest.raises(MergeError, match="create_missing_bias=True"):
         core.merge(net)
     core.delete_adapter(net, "default")
     core.inject(net, SSF(targets=["rms"], create_missing_bias=True))
-    perturb(net)
+    perturb(net, std=0.3)
     with pytest.raises(MergeError, match="cannot use one"):
         core.merge(net)
     # A refused merge changes nothing: the gamma was not folded in before the refusal.
@@ -495,7 +480,7 @@ def test_half_precision_base_trains_float32_vectors():
 def test_gradients_reach_only_the_adapters():
     net = make_net()
     core.inject(net, CONFIGS["difffit"])
-    perturb(net)
+    perturb(net, std=0.3)
     sum(o.sum() for o in net(*inputs())).backward()
     for name, p in net.named_parameters():
         if ".adapters." in name:
@@ -520,7 +505,7 @@ def test_difffit_on_a_vit_scales_the_residual_branches():
     assert counts["blocks.0.attn.qkv"] == 192 and counts["blocks.0.mlp.fc1"] == 256
     assert counts["blocks.0.norm1"] == 2 * 64
     assert type(vit.blocks[0].attn.proj.adapters["default"]).__name__ == "GammaAdapter"
-    perturb(vit)
+    perturb(vit, std=0.3)
     with torch.no_grad():
         adapted = vit(x)
         core.merge(vit)

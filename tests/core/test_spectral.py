@@ -9,11 +9,10 @@ import torch.nn as nn
 from transformers.pytorch_utils import Conv1D
 
 import core
-from conftest import make_llama
+from conftest import adapters_of, make_llama, randomise
 from core.errors import CheckpointError, ConfigError, TargetError
 from core.inject import adapter_config, trainable_parameters
 from core.methods.spectral import SODA, SVFT, FourierFT, SVFit
-from core.targeting import adapted_modules
 
 LINEAR_TARGETS = ["tall", "square", "wide", "gpt"]
 ALL_TARGETS = LINEAR_TARGETS + ["conv", "pointwise", "grouped"]
@@ -56,17 +55,6 @@ def make_batch():
         "pointwise": torch.randn(2, 6, 5, 5),
         "grouped": torch.randn(2, 4, 5, 5),
     }
-
-
-def randomise_adapters(model, std=0.1):
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".adapters." in name:
-                p.normal_(std=std)
-
-
-def adapters_of(model, name="default"):
-    return {p: w.adapters[name] for p, w in adapted_modules(model) if name in w.adapters}
 
 
 def assert_outputs_close(got, want, atol=1e-5):
@@ -119,7 +107,7 @@ def test_merge_equals_forward_and_unmerge_restores_weights(case):
     cfg = CASES[case]()
     model = Bank().eval()
     core.inject(model, cfg)
-    randomise_adapters(model)
+    randomise(model, std=0.1)
     weights = {k: v.clone() for k, v in model.state_dict().items() if "base_layer" in k}
     batch = batch_for(cfg)
     adapted = model(batch)
@@ -139,7 +127,7 @@ def test_adapted_output_differs_from_frozen_once_trained(case):
     batch = batch_for(cfg)
     frozen = model(batch)
     core.inject(model, cfg)
-    randomise_adapters(model)
+    randomise(model, std=0.1)
     adapted = model(batch)
     for key in batch:
         assert not torch.allclose(adapted[key], frozen[key], atol=1e-4), key
@@ -241,7 +229,7 @@ def test_svft_update_is_u_m_vt_on_the_weights_own_singular_vectors():
     w0 = lin.weight.detach().clone()
     model = nn.Sequential(lin)
     core.inject(model, SVFT(pattern="banded", off_diag=1, targets=["0"]))
-    randomise_adapters(model)
+    randomise(model, std=0.1)
     adapter = model[0].adapters["default"]
     u, vh = adapter.U, adapter.Vh
     s = torch.linalg.svdvals(w0)
@@ -316,7 +304,7 @@ def test_soda_follows_the_spectrum_and_basis_update(decomposition, shape):
     w0 = lin.weight.detach().clone()
     model = nn.Sequential(lin)
     core.inject(model, SODA(decomposition=decomposition, targets=["0"]))
-    randomise_adapters(model, std=0.3)
+    randomise(model, std=0.3)
     adapter = model[0].adapters["default"]
     rotation = adapter.rotation().detach()
     expected = soda_reference(w0, adapter.shift.detach(), rotation, decomposition)
@@ -329,7 +317,7 @@ def test_soda_on_a_kxk_convolution_rotates_the_flattened_receptive_field():
     w0 = conv.weight.detach().clone()
     model = nn.Sequential(conv)
     core.inject(model, SODA(targets=["0"]))
-    randomise_adapters(model, std=0.3)
+    randomise(model, std=0.3)
     adapter = model[0].adapters["default"]
     matrix = soda_reference(w0.flatten(1), adapter.shift.detach(), adapter.rotation(), "svd")
     x = torch.randn(2, 4, 5, 5)
@@ -346,7 +334,7 @@ def test_soda_rotation_stays_orthogonal_through_training(layer, orthogonal):
         model, x, n = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1)), torch.randn(2, 4, 6, 6), 36
     core.inject(model, SODA(orthogonal=orthogonal, targets=["0"]))
     adapter = model[0].adapters["default"]
-    randomise_adapters(model, std=0.3)
+    randomise(model, std=0.3)
     target = torch.randn_like(model(x))
     optimizer = torch.optim.Adam(trainable_parameters(model), lr=0.05)
     losses = []
@@ -374,7 +362,7 @@ def test_save_load_round_trip_is_exact(tmp_path, case):
     model = Bank().eval()
     fresh = copy.deepcopy(model)
     core.inject(model, cfg)
-    randomise_adapters(model)
+    randomise(model, std=0.1)
     core.save_adapter(model, tmp_path)
     core.load_adapter(fresh, tmp_path)
     batch = batch_for(cfg)
@@ -458,7 +446,7 @@ def test_exported_fourierft_loads_in_peft_with_identical_outputs(tmp_path, case)
         targets=targets,
     )  # fmt: skip
     core.inject(base, cfg)
-    randomise_adapters(base, std=1.0)
+    randomise(base, std=1.0)
     core.interop.save_peft(base, tmp_path)
     plain = logits(pristine, vocab)
     theirs = peft.PeftModel.from_pretrained(pristine, tmp_path)
