@@ -26,9 +26,10 @@ from pathlib import Path
 import lightning
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
+from core.domain import EpochShuffle
 from core.errors import OmniPeftError
 
 # task folder -> (group, number of classes), as in the VTAB-1k tables.
@@ -174,18 +175,6 @@ class VTABDataset(Dataset):
         except OSError as err:
             raise DatasetError(f"{sample.source}: cannot read image {sample.path}: {err}") from None
         return self.transform(rgb), sample.label, index
-
-
-class EpochShuffle(DistributedSampler):
-    """A shuffle that is a function of (seed, epoch) alone, on one device or many.
-
-    Lightning calls ``set_epoch`` each epoch, so a run resumed from a checkpoint sees the
-    same order the uninterrupted run would have; being a ``DistributedSampler`` already,
-    Lightning does not replace it under DDP.
-    """
-
-    def __init__(self, dataset: Dataset, *, seed: int, num_replicas: int = 1, rank: int = 0):
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
 
 
 # --- the data module -----------------------------------------------------------------------

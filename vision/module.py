@@ -15,50 +15,20 @@ The base is rebuilt identically on every load (pretrained weights, or random ini
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from core.config import AdapterConfig
+from core.domain import TUNINGS, ExactAccuracy, check_tuning, with_head
 from core.errors import ConfigError
 from core.lightning import MethodArg, PeftModule
 from core.report import param_report
 
 from .backbones import DEFAULT_BACKBONE, BackboneError, build_backbone, split_qkv
-from .metrics import ExactAccuracy
 
-TUNINGS = ("peft", "full", "linear")
-
-
-def with_head(method: AdapterConfig, head: str) -> AdapterConfig:
-    """``method`` with the classifier ``head`` among its ``modules_to_save``."""
-    saved = tuple(method.modules_to_save or ())
-    if head in saved:
-        return method
-    return dataclasses.replace(method, modules_to_save=(*saved, head))
-
-
-def _check_tuning(tuning: str, method: MethodArg | None, train_head: bool) -> None:
-    if tuning not in TUNINGS:
-        raise ConfigError(
-            f"tuning must be one of {TUNINGS}, got {tuning!r}: 'peft' trains a method config, "
-            "'full' fine-tunes every parameter, 'linear' trains the head only."
-        )
-    if tuning == "peft" and method is None:
-        raise ConfigError(
-            "tuning='peft' needs a method: pass --model.method (e.g. --config "
-            "configs/vision/lora.yaml), or choose --model.tuning full / linear."
-        )
-    if tuning != "peft" and method is not None:
-        raise ConfigError(
-            f"tuning={tuning!r} trains without an adapter, but a method was given; drop "
-            "--model.method or use tuning='peft'."
-        )
-    if tuning == "linear" and not train_head:
-        raise ConfigError("tuning='linear' trains the head only, so train_head must be true.")
+_check_tuning = check_tuning  # the name medical imported before core.domain
 
 
 class VisionClassifier(PeftModule):
@@ -104,7 +74,7 @@ class VisionClassifier(PeftModule):
         init_seed: int = 0,
         **kwargs: Any,
     ) -> None:
-        _check_tuning(tuning, method, train_head)
+        check_tuning(tuning, method, train_head)
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ConfigError(f"num_classes must be a positive int, got {num_classes!r}.")
         self.head_name = "head"

@@ -21,36 +21,14 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import torch
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.loggers import CSVLogger, Logger
+
+from core.domain import LOG_NAME, default_loggers, default_precision  # noqa: F401
 
 from .data import VTABDataModule
 from .metrics import MetricsFile
 from .module import VisionClassifier
-
-LOG_NAME = "lightning_logs"
-
-
-def default_precision() -> str:
-    """bf16 mixed precision on a GPU that supports it, fp16 mixed on older GPUs, else fp32."""
-    if not torch.cuda.is_available():
-        return "32-true"
-    return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-
-
-def default_loggers(root: str) -> list[Logger]:
-    """A CSV logger, plus TensorBoard in the same version folder when it is installed."""
-    csv = CSVLogger(save_dir=root, name=LOG_NAME)
-    loggers: list[Logger] = [csv]
-    try:
-        from lightning.pytorch.loggers import TensorBoardLogger
-
-        loggers.append(TensorBoardLogger(save_dir=root, name=LOG_NAME, version=csv.version))
-    except ModuleNotFoundError:  # tensorboard is optional
-        pass
-    return loggers
 
 
 class VisionCLI(LightningCLI):

@@ -1,0 +1,262 @@
+"""Plumbing every domain package shares: Lightning defaults, a resumable shuffle, exact
+accuracy, the per-run metrics file and the tuning modes of a classifier.
+
+Domain packages (vision, audio, medical, diffusion, nlp) import these from here and never
+from each other (see the dependency rules in DESIGN.md). Like ``core.lightning`` this
+module imports Lightning; ``core.methods`` never does.
+
+* ``default_precision`` / ``default_loggers`` / ``LOG_NAME``: trainer defaults of the CLIs.
+* ``EpochShuffle``: a shuffle that is a function of (seed, epoch), resumable, DDP-ready.
+* ``ExactAccuracy``: top-k accuracy counting each sample index once (DDP padding safe).
+* ``MetricsFile`` / ``METRICS_FILE`` / ``read_metrics``: ``<log_dir>/metrics.json``.
+* ``TUNINGS`` / ``with_head`` / ``check_tuning``: "peft" / "full" / "linear" training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning
+import torch
+from lightning.pytorch.loggers import CSVLogger, Logger
+from torch.utils.data import Dataset, DistributedSampler
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
+
+from .checkpoint import atomic_write
+from .config import AdapterConfig
+from .errors import ConfigError
+
+# --- trainer defaults ----------------------------------------------------------------------
+
+LOG_NAME = "lightning_logs"
+
+
+def default_precision() -> str:
+    """bf16 mixed precision on a GPU that supports it, fp16 mixed on older GPUs, else fp32."""
+    if not torch.cuda.is_available():
+        return "32-true"
+    return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+
+
+def default_loggers(root: str) -> list[Logger]:
+    """A CSV logger, plus TensorBoard in the same version folder when it is installed."""
+    csv = CSVLogger(save_dir=root, name=LOG_NAME)
+    loggers: list[Logger] = [csv]
+    try:
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        loggers.append(TensorBoardLogger(save_dir=root, name=LOG_NAME, version=csv.version))
+    except ModuleNotFoundError:  # tensorboard is optional
+        pass
+    return loggers
+
+
+# --- data ----------------------------------------------------------------------------------
+
+
+class EpochShuffle(DistributedSampler):
+    """A shuffle that is a function of (seed, epoch) alone, on one device or many.
+
+    Lightning calls ``set_epoch`` each epoch, so a run resumed from a checkpoint sees the
+    same order the uninterrupted run would have; being a ``DistributedSampler`` already,
+    Lightning does not replace it under DDP.
+    """
+
+    def __init__(self, dataset: Dataset, *, seed: int, num_replicas: int = 1, rank: int = 0):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+
+
+# --- accuracy ------------------------------------------------------------------------------
+
+
+class ExactAccuracy(Metric):
+    """Top-k accuracy over the distinct sample indices seen (duplicates counted once).
+
+    Under DDP, Lightning's distributed sampler pads an evaluation list by repeating samples;
+    counting per sample index makes every sample count exactly once all the same.
+    """
+
+    full_state_update = False
+    higher_is_better = True
+
+    def __init__(self, top_k: int = 1, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.top_k = top_k
+        self.add_state("index", default=[], dist_reduce_fx="cat")
+        self.add_state("correct", default=[], dist_reduce_fx="cat")
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor, index: torch.Tensor) -> None:
+        k = min(self.top_k, logits.shape[-1])
+        hits = (logits.topk(k, dim=-1).indices == labels[:, None]).any(dim=-1)
+        self.index.append(index.detach().long())
+        self.correct.append(hits.detach())
+
+    def compute(self) -> torch.Tensor:
+        index, correct = dim_zero_cat(self.index), dim_zero_cat(self.correct)
+        if index.numel() == 0:
+            return torch.tensor(float("nan"), device=self.device)
+        unique, where = torch.unique(index, return_inverse=True)
+        # A repeated sample was scored on another device with the same weights: same result.
+        per_sample = torch.zeros(len(unique), device=index.device)
+        per_sample.scatter_(0, where, correct.float())
+        return per_sample.mean()
+
+    def count(self) -> int:
+        """How many distinct samples were scored (on this process, before syncing)."""
+        return int(torch.unique(dim_zero_cat(self.index)).numel()) if self.index else 0
+
+
+# --- the metrics file ----------------------------------------------------------------------
+
+METRICS_FILE = "metrics.json"
+
+Describe = Callable[[Any, Any], Mapping[str, Any]]
+
+
+def _scalar(value: Any) -> float | None:
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return float(value)
+    return float(value) if isinstance(value, int | float) else None
+
+
+def describe_run(trainer, pl_module) -> dict[str, Any]:
+    """A domain-neutral run description: the data module's ``describe()`` when it returns a
+    mapping, its ``num_classes``, and the module's parameter counts and method label."""
+    out: dict[str, Any] = {}
+    data = trainer.datamodule
+    if data is not None and hasattr(data, "describe"):
+        described = data.describe()
+        if isinstance(described, Mapping):
+            out.update(described)
+        if hasattr(data, "num_classes"):
+            out["num_classes"] = data.num_classes
+    if hasattr(pl_module, "parameter_counts"):
+        out["params"] = pl_module.parameter_counts()
+    if hasattr(pl_module, "method_label"):
+        out["method"] = pl_module.method_label()
+    return out
+
+
+class MetricsFile(lightning.Callback):
+    """Writes ``<log_dir>/metrics.json`` (rank zero) after fit, validate and test: what
+    identifies the run (``describe``), the ``monitor`` value after every validation epoch,
+    and the final validation / test values.
+
+    Args:
+        describe: ``(trainer, pl_module) -> mapping`` of what identifies the run (data read,
+            method, parameter counts); ``describe_run`` by default. Subclasses may override
+            the ``describe`` method instead.
+        val_key, test_key: the logged metrics recorded as the final validation / test
+            result ("val_acc" / "test_acc" by default); ``val_key`` is also recorded per
+            epoch under ``"<val_key>_per_epoch"``.
+    """
+
+    def __init__(
+        self, describe: Describe | None = None, val_key: str = "val_acc", test_key: str = "test_acc"
+    ) -> None:
+        self._describe = describe
+        self.val_key, self.test_key = val_key, test_key
+        self.history: list[dict[str, float]] = []
+
+    def describe(self, trainer, pl_module) -> Mapping[str, Any]:
+        """What identifies the run; the ``describe`` argument, else ``describe_run``."""
+        return (self._describe or describe_run)(trainer, pl_module)
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        value = _scalar(trainer.callback_metrics.get(self.val_key))
+        if value is not None:
+            self.history.append({"epoch": trainer.current_epoch, self.val_key: value})
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self._write(trainer, pl_module, stage="fit")
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.state.fn == "validate":
+            self._write(trainer, pl_module, stage="validate")
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        self._write(trainer, pl_module, stage="test")
+
+    def _write(self, trainer, pl_module, stage: str) -> None:
+        log_dir = trainer.log_dir or trainer.default_root_dir  # a collective: every rank asks
+        if not trainer.is_global_zero:
+            return
+        path = Path(log_dir) / METRICS_FILE
+        record = json.loads(path.read_text()) if path.is_file() else {}
+        record.update(self.describe(trainer, pl_module))
+        metrics = {k: _scalar(v) for k, v in trainer.callback_metrics.items()}
+        if stage == "fit":
+            record[f"{self.val_key}_per_epoch"] = self.history
+            record["epochs"] = trainer.current_epoch
+            record["global_step"] = trainer.global_step
+            exported = getattr(pl_module, "exported_adapter", None)
+            record["exported"] = str(exported) if exported else None
+        key = self.test_key if stage == "test" else self.val_key
+        if metrics.get(key) is not None:
+            record[key] = metrics[key]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, json.dumps(record, indent=2, sort_keys=True).encode())
+
+
+def read_metrics(folder: str | Path) -> dict[str, Any]:
+    """Read a run's metrics file (``<folder>/metrics.json``)."""
+    return json.loads((Path(folder) / METRICS_FILE).read_text())
+
+
+# --- tuning modes of a classifier ----------------------------------------------------------
+
+TUNINGS = ("peft", "full", "linear")
+
+
+def with_head(method: AdapterConfig, head: str) -> AdapterConfig:
+    """``method`` with the classifier ``head`` among its ``modules_to_save``."""
+    saved = tuple(method.modules_to_save or ())
+    if head in saved:
+        return method
+    return dataclasses.replace(method, modules_to_save=(*saved, head))
+
+
+def check_tuning(tuning: str, method: Any | None, train_head: bool) -> None:
+    """A clear ``ConfigError`` unless ``tuning`` is one of ``TUNINGS`` and agrees with
+    ``method`` (needed by "peft", refused otherwise) and ``train_head`` ("linear" trains the
+    head only)."""
+    if tuning not in TUNINGS:
+        raise ConfigError(
+            f"tuning must be one of {TUNINGS}, got {tuning!r}: 'peft' trains a method config, "
+            "'full' fine-tunes every parameter, 'linear' trains the head only."
+        )
+    if tuning == "peft" and method is None:
+        raise ConfigError(
+            "tuning='peft' needs a method: pass --model.method (e.g. --config "
+            "configs/vision/lora.yaml), or choose --model.tuning full / linear."
+        )
+    if tuning != "peft" and method is not None:
+        raise ConfigError(
+            f"tuning={tuning!r} trains without an adapter, but a method was given; drop "
+            "--model.method or use tuning='peft'."
+        )
+    if tuning == "linear" and not train_head:
+        raise ConfigError("tuning='linear' trains the head only, so train_head must be true.")
+
+
+__all__ = [
+    "LOG_NAME",
+    "METRICS_FILE",
+    "TUNINGS",
+    "EpochShuffle",
+    "ExactAccuracy",
+    "MetricsFile",
+    "check_tuning",
+    "default_loggers",
+    "default_precision",
+    "describe_run",
+    "read_metrics",
+    "with_head",
+]
