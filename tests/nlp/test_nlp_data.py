@@ -1,0 +1,113 @@
+import json
+
+import pytest
+from nlp_toy import single_thread  # noqa: F401
+
+from nlp.data import (
+    IGNORE,
+    CodeReviewDataModule,
+    DatasetError,
+    collate,
+    encode,
+    old_and_new,
+    read_jsonl,
+    render_prompt,
+    response,
+    split_files,
+    strip_markers,
+)
+from nlp.synth import write_release
+from nlp.tokenizer import load_tokenizer
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+PATCH = "@@ -1,3 +1,3 @@\n def f(x):\n-    return x == 1\n+    return x is 1"
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    return write_release(tmp_path_factory.mktemp("cr"), sizes=(12, 4, 4))
+
+
+def test_byte_tokenizer_round_trips_any_text():
+    tok = load_tokenizer("byte")
+    text = "def f(x):\n\treturn 'é' + x  # ∑"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(text.encode()) and tok.decode(ids) == text
+    assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, len(tok)) == (0, 1, 2, 260)
+
+
+def test_release_files_parse_per_task(release):
+    assert split_files(release, "necessity", "train")[0].name == "cls-train-chunk-0.jsonl"
+    cls = read_jsonl(split_files(release, "necessity", "test")[0], "necessity")
+    assert {r["y"] for r in cls} == {0, 1}
+    assert all((r["y"] == 1) == bool(r["msg"]) for r in cls)
+    ref = read_jsonl(split_files(release, "refine", "valid")[0], "refine")
+    assert not any(line.startswith(("+", "-")) for line in response(ref[0], "refine").split("\n"))
+
+
+def test_prompt_template_and_representations():
+    record = {"patch": PATCH, "msg": "use =="}
+    prompt = render_prompt(record, "comment")
+    assert "### Instruction:\nReview the given diff hunk" in prompt
+    assert prompt.endswith(f"### Input:\n{PATCH}\n\n### Response:\n")
+    assert old_and_new(PATCH) == ("def f(x):\n    return x == 1", "def f(x):\n    return x is 1")
+    assert "Old code:\ndef f(x):\n    return x == 1\nNew code:" in render_prompt(
+        record, "comment", "oldnew"
+    )
+    assert strip_markers("-a\n+b\n c") == "a\nb\nc"
+
+
+def test_labels_mask_the_prompt_and_truncation_keeps_hunk_end_and_response():
+    tok = load_tokenizer("byte")
+    long_hunk = PATCH + "\n" + "\n".join(f" line{i}" for i in range(200)) + "\n+END_OF_HUNK"
+    enc = encode(tok, "comment", long_hunk, "use == here", max_length=400)
+    assert len(enc.input_ids) == 400
+    answer = tok("use == here", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert enc.labels[enc.prompt_len :] == answer == enc.input_ids[enc.prompt_len :]
+    assert set(enc.labels[: enc.prompt_len]) == {IGNORE}
+    prompt = tok.decode(enc.input_ids[: enc.prompt_len], skip_special_tokens=True)
+    assert "END_OF_HUNK\n\n### Response:\n" in prompt and "### Instruction:" in prompt
+    assert "@@ -1,3" not in prompt  # the start of the input went
+
+
+def test_collate_pads_right_for_training_left_for_prompts():
+    items = [
+        {"input_ids": [5, 6, 7], "labels": [IGNORE, 6, 7], "prompt_ids": [5], "index": 0},
+        {"input_ids": [8], "labels": [8], "prompt_ids": [8, 9], "index": 1},
+    ]
+    batch = collate(items, pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["labels"].tolist() == [[IGNORE, 6, 7], [8, IGNORE, IGNORE]]
+    assert batch["prompt_ids"].tolist() == [[0, 5], [8, 9]]
+    assert batch["prompt_mask"].tolist() == [[0, 1], [1, 1]]
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('{"patch": "@@ -1 +1 @@\\n-a", "msg": "x"}', "missing field 'y'"),
+        ('{"patch": "@@ -1 +1 @@\\n-a", "y": 0, "msg": "fix"}', "non-empty 'msg' means y = 1"),
+        ('{"patch": "diff --git", "y": 1, "msg": "x"}', "must start with '@@"),
+        ("{not json", "not valid JSON"),
+    ],
+)
+def test_malformed_lines_name_file_line_and_field(tmp_path, line, message):
+    path = tmp_path / "cls-test.jsonl"
+    good = json.dumps({"patch": PATCH, "y": 1, "msg": "x"})
+    path.write_text(good + "\n" + line + "\n")
+    with pytest.raises(DatasetError, match=message) as err:
+        read_jsonl(path, "necessity")
+    assert f"{path}:2" in str(err.value)
+
+
+def test_missing_release_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(DatasetError, match="Comment_Generation/msg-"):
+        split_files(tmp_path, "comment", "train")
+
+
+def test_data_module_batches(release):
+    dm = CodeReviewDataModule(str(release), task="refine", max_length=512, batch_size=2)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["input_ids"].shape[0] == 2
+    assert (batch["labels"] != IGNORE).sum() > 0
