@@ -44,10 +44,12 @@ from .methods.quantized import L4Q, export_quantized
 from .methods.scaling import IA3, SSF, BitFit, DiffFit, LNTuning
 from .methods.sparse import GPS, SPT, DiffPruning, prune, select
 from .methods.spectral import SODA, SVFT, FourierFT, SVFit
+from .methods.style import StyleInject
 from .registry import METHODS
 from .report import ParamReport, param_report
 
 __all__ = [
+    "StyleInject",
     "AdaLoRA",
     "DiffoRA",
     "DynamicDoRA",

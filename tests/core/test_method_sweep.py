@@ -101,6 +101,7 @@ CASES = {
     "dora_dynamic": vit(targets=["qkv", "fc1"], r=4),
     "triadaptlora": vit(targets=["qkv", "fc1"], r=4),
     "diffora": vit(targets=["qkv", "fc1"], r=4),
+    "styleinject": vit(targets=["qkv", "fc1"]),
     "gps": selected(vit(targets=["qkv", "fc1"])),
     "spt": selected(vit(targets=["qkv", "fc1"], density=0.05)),
 }
