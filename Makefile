@@ -22,20 +22,20 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(PY) -m vision.demo
 
-# One demo per domain. Until a domain's pipeline lands, its demo is the core demo on that
-# domain's backbone family (a diffusers UNet, transformers AST, MONAI ViT, LLaMA).
+# One demo per domain, each end to end on data the project generates. Until a domain's
+# pipeline lands, its demo is the core demo on that domain's backbone family.
 demo-vision: setup
 	$(PY) -m vision.demo
 demo-core: setup
 	$(PY) -m core.demo --backbone vit
 demo-diffusion: setup
-	$(PY) -m core.demo --backbone unet
+	$(PY) -m diffusion.demo
 demo-audio: setup
-	$(PY) -m core.demo --backbone ast
+	$(PY) -m audio.demo
 demo-medical: setup
 	$(PY) -m core.demo --backbone monai-vit
 demo-nlp: setup
-	$(PY) -m core.demo --backbone llama
+	$(PY) -m nlp.demo
 
 lint: setup
 	$(PY) -m ruff check .
