@@ -17,21 +17,13 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import torch
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 
+from core.domain import LOG_NAME, default_precision
+
 from .data import CodeReviewDataModule
 from .module import ReviewLM
-
-LOG_NAME = "lightning_logs"
-
-
-def default_precision() -> str:
-    """bf16 mixed precision on a GPU that supports it, else fp32."""
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "bf16-mixed"
-    return "32-true"
 
 
 def tokenizer_name(tokenizer: str | None, pretrained: str | None, backbone: str) -> str:
