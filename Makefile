@@ -33,7 +33,7 @@ demo-diffusion: setup
 demo-audio: setup
 	$(PY) -m audio.demo
 demo-medical: setup
-	$(PY) -m core.demo --backbone monai-vit
+	$(PY) -m medical.demo --out runs/medical_demo
 demo-nlp: setup
 	$(PY) -m nlp.demo
 
