@@ -126,7 +126,10 @@ def perturb(model):
 
 
 def test_every_registered_method_has_a_case():
-    assert sorted(core.METHODS) == sorted([*CASES, *ELSEWHERE])
+    # Domains may register their own methods (audio's Conformer adapter); those are tested
+    # with their domain.
+    in_core = [n for n, cls in core.METHODS.items() if cls.__module__.startswith("core.")]
+    assert sorted(in_core) == sorted([*CASES, *ELSEWHERE])
 
 
 @pytest.mark.parametrize("method", sorted(CASES))
