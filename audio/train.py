@@ -11,48 +11,31 @@ checkpoint (``--ckpt_path``).
 
 from __future__ import annotations
 
-import os
-from typing import Any
-
 from lightning.pytorch.callbacks import LearningRateMonitor
-from lightning.pytorch.cli import LightningCLI
 
-from core.domain import default_loggers, default_precision
+from core.domain import PeftCLI
 
 from .data import AudioDataModule
 from .metrics import MetricsFile
 from .module import AudioClassifier
 
 
-class AudioCLI(LightningCLI):
+class AudioCLI(PeftCLI):
     """LightningCLI over ``AudioClassifier`` and ``AudioDataModule``; the data module sets
     the head's class count and the clip length (``data.max_length``)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault(
-            "trainer_defaults",
-            {"precision": default_precision(), "max_epochs": 50, "log_every_n_steps": 10},
-        )
-        kwargs.setdefault("seed_everything_default", 0)
-        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        super().__init__(AudioClassifier, AudioDataModule, *args, **kwargs)
+    model_class = AudioClassifier
+    datamodule_class = AudioDataModule
+    max_epochs = 50
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.max_length", "model.max_length", apply_on="instantiate")
 
-    def instantiate_trainer(self, **kwargs: Any):
-        config = self._get(self.config_init, "trainer", default={})
-        logger = kwargs.get("logger", config.get("logger"))
-        if logger is None or logger is True:
-            root = config.get("default_root_dir") or os.getcwd()
-            kwargs["logger"] = logger = default_loggers(str(root))
-        callbacks = list(config.get("callbacks") or [])
-        if logger:
-            callbacks.append(LearningRateMonitor(logging_interval="step"))
-        callbacks.append(MetricsFile())
-        kwargs["callbacks"] = callbacks
-        return super().instantiate_trainer(**kwargs)
+    def extra_callbacks(self, logging: bool) -> list:
+        """A learning-rate monitor when logging; the run's metrics file."""
+        monitor = [LearningRateMonitor(logging_interval="step")] if logging else []
+        return [*monitor, MetricsFile()]
 
 
 def fit_and_test(config, root, out, *extra: str) -> tuple[AudioCLI, list[dict]]:

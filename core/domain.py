@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning
 import torch
+from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger
 from torch.utils.data import Dataset, DistributedSampler
 from torchmetrics import Metric
@@ -54,6 +56,52 @@ def default_loggers(root: str) -> list[Logger]:
     except ModuleNotFoundError:  # tensorboard is optional
         pass
     return loggers
+
+
+class PeftCLI(LightningCLI):
+    """The LightningCLI every domain's ``python -m <domain>.train`` uses.
+
+    Subclasses name ``model_class`` and ``datamodule_class`` (and may change
+    ``max_epochs``, link arguments, or add callbacks in ``extra_callbacks``). Shared
+    defaults: bf16/fp16 mixed precision on a GPU (``default_precision``), seed 0, the
+    config saved beside the logs, and ``default_loggers`` at ``--trainer.default_root_dir``
+    unless the command line gives loggers.
+    """
+
+    model_class: ClassVar[type[lightning.LightningModule]]
+    datamodule_class: ClassVar[type[lightning.LightningDataModule]]
+    max_epochs: ClassVar[int] = 10
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault(
+            "trainer_defaults",
+            {
+                "precision": default_precision(),
+                "max_epochs": self.max_epochs,
+                "log_every_n_steps": 10,
+            },
+        )
+        kwargs.setdefault("seed_everything_default", 0)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        super().__init__(self.model_class, self.datamodule_class, *args, **kwargs)
+
+    def make_loggers(self, root: str) -> list[Logger]:
+        return default_loggers(root)
+
+    def extra_callbacks(self, logging: bool) -> list[lightning.Callback]:
+        """Callbacks added after the command line's own (``logging``: a logger is set)."""
+        return []
+
+    def instantiate_trainer(self, **kwargs: Any):
+        config = self._get(self.config_init, "trainer", default={})
+        logger = kwargs.get("logger", config.get("logger"))
+        if logger is None or logger is True:
+            root = config.get("default_root_dir") or os.getcwd()
+            kwargs["logger"] = logger = self.make_loggers(str(root))
+        extra = self.extra_callbacks(bool(logger))
+        if extra:
+            kwargs["callbacks"] = [*(config.get("callbacks") or []), *extra]
+        return super().instantiate_trainer(**kwargs)
 
 
 # --- data ----------------------------------------------------------------------------------

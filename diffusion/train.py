@@ -13,41 +13,22 @@ Defaults: bf16 (or fp16) mixed precision on a GPU, fp32 on CPU; seed 0.
 
 from __future__ import annotations
 
-from typing import Any
-
-from lightning.pytorch.cli import LightningCLI
-
-from core.domain import default_loggers, default_precision
+from core.domain import PeftCLI
 
 from .data import DiffusionDataModule
 from .module import DiffusionModule
 
 
-class DiffusionCLI(LightningCLI):
+class DiffusionCLI(PeftCLI):
     """LightningCLI over ``DiffusionModule`` and ``DiffusionDataModule``; the data's class
     count (class folders) goes to ``model.num_classes``."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault(
-            "trainer_defaults",
-            {"precision": default_precision(), "max_epochs": 10, "log_every_n_steps": 10},
-        )
-        kwargs.setdefault("seed_everything_default", 0)
-        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        super().__init__(DiffusionModule, DiffusionDataModule, *args, **kwargs)
+    model_class = DiffusionModule
+    datamodule_class = DiffusionDataModule
+    max_epochs = 10
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
-
-    def instantiate_trainer(self, **kwargs: Any):
-        config = self._get(self.config_init, "trainer", default={})
-        logger = kwargs.get("logger", config.get("logger"))
-        if logger is None or logger is True:
-            import os
-
-            root = config.get("default_root_dir") or os.getcwd()
-            kwargs["logger"] = default_loggers(str(root))
-        return super().instantiate_trainer(**kwargs)
 
 
 def main(args: list[str] | None = None) -> DiffusionCLI:

@@ -19,15 +19,13 @@ recall / F1, BLEU-1, per answer type and overall) in the log folder.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
-from lightning.pytorch.cli import LightningCLI
 
-from core.domain import default_loggers, default_precision
+from core.domain import PeftCLI
 from core.errors import ConfigError
 from core.lightning import MethodArg, PeftModule
 
@@ -277,27 +275,15 @@ class MedVQAModule(PeftModule):
         self._predictions["test"] = []
 
 
-class VQACLI(LightningCLI):
+class VQACLI(PeftCLI):
     """LightningCLI over ``MedVQAModule`` and ``VQADataModule``."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault(
-            "trainer_defaults",
-            {"precision": default_precision(), "max_epochs": 10, "log_every_n_steps": 10},
-        )
-        kwargs.setdefault("seed_everything_default", 0)
-        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        super().__init__(MedVQAModule, VQADataModule, *args, **kwargs)
+    model_class = MedVQAModule
+    datamodule_class = VQADataModule
+    max_epochs = 10
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.image_size", "model.image_size")
-
-    def instantiate_trainer(self, **kwargs: Any):
-        config = self._get(self.config_init, "trainer", default={})
-        logger = kwargs.get("logger", config.get("logger"))
-        if logger is None or logger is True:
-            kwargs["logger"] = default_loggers(str(config.get("default_root_dir") or os.getcwd()))
-        return super().instantiate_trainer(**kwargs)
 
 
 def write_tiny_llama(

@@ -14,13 +14,9 @@ one, then fit stage two with ``--model.init_adapter <stage one>/adapter``.
 
 from __future__ import annotations
 
-import os
-from typing import Any
-
-from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 
-from core.domain import LOG_NAME, default_precision
+from core.domain import LOG_NAME, PeftCLI
 
 from .data import CodeReviewDataModule
 from .module import ReviewLM
@@ -30,17 +26,12 @@ def tokenizer_name(tokenizer: str | None, pretrained: str | None, backbone: str)
     return tokenizer or pretrained or backbone
 
 
-class ReviewCLI(LightningCLI):
+class ReviewCLI(PeftCLI):
     """LightningCLI over ``ReviewLM`` and ``CodeReviewDataModule``."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault(
-            "trainer_defaults",
-            {"precision": default_precision(), "max_epochs": 3, "log_every_n_steps": 10},
-        )
-        kwargs.setdefault("seed_everything_default", 0)
-        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        super().__init__(ReviewLM, CodeReviewDataModule, *args, **kwargs)
+    model_class = ReviewLM
+    datamodule_class = CodeReviewDataModule
+    max_epochs = 3
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.task", "model.task")
@@ -50,12 +41,8 @@ class ReviewCLI(LightningCLI):
             compute_fn=tokenizer_name,
         )
 
-    def instantiate_trainer(self, **kwargs: Any):
-        config = self._get(self.config_init, "trainer", default={})
-        if kwargs.get("logger", config.get("logger")) in (None, True):
-            root = config.get("default_root_dir") or os.getcwd()
-            kwargs["logger"] = CSVLogger(save_dir=str(root), name=LOG_NAME)
-        return super().instantiate_trainer(**kwargs)
+    def make_loggers(self, root: str) -> list:
+        return [CSVLogger(save_dir=root, name=LOG_NAME)]
 
 
 def main(args: list[str] | None = None, run: bool = True) -> ReviewCLI:

@@ -18,52 +18,34 @@ a learning-rate monitor, bf16 mixed precision on a GPU that has it, seed 0.
 
 from __future__ import annotations
 
-import os
-from typing import Any
-
 from lightning.pytorch.callbacks import LearningRateMonitor
-from lightning.pytorch.cli import LightningCLI
 
-from core.domain import LOG_NAME, default_loggers, default_precision  # noqa: F401
+from core.domain import LOG_NAME, PeftCLI, default_loggers, default_precision  # noqa: F401
 
 from .data import VTABDataModule
 from .metrics import MetricsFile
 from .module import VisionClassifier
 
 
-class VisionCLI(LightningCLI):
+class VisionCLI(PeftCLI):
     """LightningCLI over ``VisionClassifier`` and ``VTABDataModule``.
 
     The data module decides the head's class count and the model's input size
     (``data.num_classes`` -> ``model.num_classes``, ``data.image_size`` -> ``model.image_size``).
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault(
-            "trainer_defaults",
-            {"precision": default_precision(), "max_epochs": 100, "log_every_n_steps": 10},
-        )
-        kwargs.setdefault("seed_everything_default", 0)
-        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        super().__init__(VisionClassifier, VTABDataModule, *args, **kwargs)
+    model_class = VisionClassifier
+    datamodule_class = VTABDataModule
+    max_epochs = 100
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.image_size", "model.image_size")
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
 
-    def instantiate_trainer(self, **kwargs: Any):
-        """Default loggers at ``default_root_dir``; LR monitor when logging; metrics file."""
-        config = self._get(self.config_init, "trainer", default={})
-        logger = kwargs.get("logger", config.get("logger"))
-        if logger is None or logger is True:
-            root = config.get("default_root_dir") or os.getcwd()
-            kwargs["logger"] = logger = default_loggers(str(root))
-        callbacks = list(config.get("callbacks") or [])
-        if logger:
-            callbacks.append(LearningRateMonitor(logging_interval="step"))
-        callbacks.append(MetricsFile())
-        kwargs["callbacks"] = callbacks
-        return super().instantiate_trainer(**kwargs)
+    def extra_callbacks(self, logging: bool) -> list:
+        """A learning-rate monitor when logging; the run's metrics file."""
+        monitor = [LearningRateMonitor(logging_interval="step")] if logging else []
+        return [*monitor, MetricsFile()]
 
 
 def fit_and_test(config, root, task: str, out, *extra: str) -> tuple[VisionCLI, list[dict]]:
