@@ -21,6 +21,7 @@ from typing import Any
 import safetensors.torch
 import torch
 import torch.nn as nn
+from safetensors.torch import load as load_safetensors
 
 from .errors import CheckpointError, MergeError
 from .inject import adapter_config, adapter_names, attach, check_adapter_name, set_active
@@ -174,7 +175,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
             "corrupt, or from another save. Save the adapter again."
         )
     try:
-        tensors = safetensors.torch.load(blob)
+        tensors = load_safetensors(blob)
     except Exception as err:
         raise CheckpointError(f"{folder / TENSORS} cannot be read as safetensors: {err}") from None
     return meta, _decoded(folder, meta, tensors)

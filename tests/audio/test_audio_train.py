@@ -127,7 +127,7 @@ def test_cli_fit_test_checkpoint_resume(tmp_path, config):
     assert metrics["test_acc"] == pytest.approx(result["test_acc"])
     assert metrics["folds"] == {"train": [3, 4, 5], "val": [2], "test": [1]}
     ckpt_path = next(log.glob("checkpoints/*.ckpt"))
-    state = torch.load(ckpt_path, weights_only=False)["state_dict"]
+    state = torch.load(ckpt_path, weights_only=True)["state_dict"]
     trainable = {n for n, p in cli.model.named_parameters() if p.requires_grad}
     assert set(state) <= trainable | {k for k in state if "adapters" in k}
     assert not any("q_proj.base_layer.weight" in k or k.endswith("fc1.weight") for k in state)
