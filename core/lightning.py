@@ -38,7 +38,7 @@ from .controllers import ControllerSet
 from .errors import CheckpointError, ConfigError
 from .inject import adapter_config, aux_loss, inject
 from .methods.mixtures import expert_loads
-from .methods.sparse import select
+from .methods.sparse import DiffPruning, prune, select
 from .registry import METHODS
 from .report import param_report
 from .targeting import adapted_modules, find_targets
@@ -381,6 +381,22 @@ class PeftModule(lightning.LightningModule):
         """The optimizer step, then the controllers' structural updates (e.g. rank masks)."""
         super().optimizer_step(*args, **kwargs)
         self.controllers.after_step(self.model)
+        self._prune_when_due()
+
+    def _prune_when_due(self) -> None:
+        """Diff pruning: after ``prune_at`` of the run, magnitude-prune to the target density
+        and go on training the kept entries with a new optimizer (their parameters are new;
+        the schedule starts again for this phase)."""
+        cfg = self.method
+        if not isinstance(cfg, DiffPruning) or cfg.kept or cfg.prune_at is None:
+            return
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total) or self.trainer.global_step < cfg.prune_at * total:
+            return
+        prune(self.model, self.adapter_name)
+        self.method = adapter_config(self.model, self.adapter_name)  # now lists kept entries
+        self.hparams["method"] = self.method_spec()  # so checkpoints rebuild phase 2
+        self.trainer.strategy.setup_optimizers(self.trainer)
 
     def set_train_mode(self) -> None:
         """``train()``, except norm layers whose running statistics the checkpoint omits.

@@ -360,6 +360,8 @@ class DiffPruning(AdapterConfig):
             takes all of them (weights and biases, as the paper diffs every parameter).
         kept: filled by ``prune``: entries kept per tensor ("<module>.<param>"); when set
             the adapters are built in phase 2.
+        prune_at: fraction of the training run after which ``core.lightning.PeftModule``
+            prunes and goes on with fixed-mask training (None: prune by hand).
     """
 
     density: float = 0.005
@@ -370,10 +372,13 @@ class DiffPruning(AdapterConfig):
     structured: bool = False
     params: tuple[str, ...] | None = None
     kept: dict[str, int] = field(default_factory=dict)
+    prune_at: float | None = 0.5
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_float(self, "density", low=0.0, high=1.0, low_open=True)
+        if self.prune_at is not None:
+            check_float(self, "prune_at", low=0.0, high=1.0, low_open=True, high_open=True)
         check_float(self, "l0_coef", low=0.0)
         check_float(self, "alpha_init")
         check_float(self, "temperature", low=0.0, low_open=True)

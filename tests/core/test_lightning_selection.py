@@ -68,3 +68,19 @@ def test_mixture_expert_load_reaches_the_logs(tmp_path):
         header = next(csv.reader(handle))
     loads = [h for h in header if h.startswith("expert_load/default/0/")]
     assert sorted(loads) == [f"expert_load/default/0/{i}" for i in range(3)]
+
+
+def test_diff_pruning_prunes_midway_and_trains_the_kept_entries(tmp_path):
+    cfg = core.DiffPruning(density=0.1, prune_at=0.5, targets=["0"])
+    module = TinyClassifier(cfg, scheduler="constant", lr=1e-2)
+    fit(module, tmp_path, steps=6)
+    adapter = module.model[0].adapters["default"]
+    entries = module.model[0].base_layer.weight.numel() + module.model[0].base_layer.bias.numel()
+    assert module.method.kept and adapter.num_selected() == round(0.1 * entries)
+    assert module.hparams["method"]["init_args"]["kept"] == module.method.kept
+    # the optimizer now holds the pruned adapter's parameters, which carry the kept values
+    optimised = {
+        id(p) for group in module.optimizers().optimizer.param_groups for p in group["params"]
+    }
+    assert all(id(p) in optimised for p in adapter.parameters())
+    assert any(v.abs().sum() > 0 for v in adapter.values.values())
