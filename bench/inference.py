@@ -45,7 +45,7 @@ class Sizes:
 
 
 FULL = Sizes(
-    vit=VitShape(embed=384, depth=12, heads=6, img=224, patch=16, batch=32), warmup=1, repeats=5
+    vit=VitShape(embed=384, depth=12, heads=6, img=224, patch=16, batch=32), warmup=1, repeats=7
 )
 QUICK = Sizes(
     vit=VitShape(embed=192, depth=4, heads=3, img=64, patch=16, batch=16), warmup=1, repeats=5

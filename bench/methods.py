@@ -36,6 +36,7 @@ the timings.
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -84,8 +85,8 @@ FULL = Sizes(
     ),
     moe=LlamaShape(hidden=512, intermediate=1024, layers=2, heads=8, vocab=1000, seq=128, batch=8),
     moe_experts=4,
-    warmup=1,
-    repeats=4,
+    warmup=2,
+    repeats=5,
     infer_repeats=5,
 )
 
@@ -496,6 +497,7 @@ def sweep_rows(task_label: str, contenders: dict, measured: dict) -> list[list[o
                 contender.targets,
                 contender.trainable,
                 timing.median,
+                measured[key]["reference"].median,
                 relative,
                 "yes" if relative <= LORA_STEP_TARGET else "NO",
                 memory["saved_for_backward_mb"],
@@ -515,6 +517,7 @@ def sweep_table(rows: list[list[object]], clock: str, notes: list[str]) -> Table
             "targets",
             "trainable",
             "step ms",
+            "LoRA ms",
             "x LoRA",
             f"<= {LORA_STEP_TARGET:.2f}x",
             "saved MB",
@@ -526,7 +529,7 @@ def sweep_table(rows: list[list[object]], clock: str, notes: list[str]) -> Table
         *notes,
         "x LoRA: median over rounds of (method step / LoRA step in the same round). Methods "
         f"are timed in interleaved groups of {GROUP_SIZE - 1}, each with its own LoRA "
-        "(step ms of LoRA: its first group). LoRA r=8 targets qkv on the ViT and "
+        "(LoRA ms: LoRA's step in the method's group). LoRA r=8 targets qkv on the ViT and "
         "q_proj,v_proj on the decoders. Every method runs with its paper's defaults except "
         "the options in its label.",
         "saved MB: tensors autograd keeps for backward; peak RSS: the process's peak "
@@ -580,11 +583,48 @@ def guessed_setups(setups: list[Setup]) -> list[Setup]:
     ]
 
 
+ONLY_ENV = "OMNIPEFT_BENCH_METHODS"  # e.g. "fourierft,boft": time only these (and LoRA)
+
+
+def only_methods() -> set[str] | None:
+    """The methods named in ``$OMNIPEFT_BENCH_METHODS`` (unset or empty: all)."""
+    names = {m.strip() for m in os.environ.get(ONLY_ENV, "").split(",") if m.strip()}
+    unknown = sorted(names - set(core.METHODS))
+    if unknown:
+        raise SystemExit(f"{ONLY_ENV} names unknown method(s) {unknown}; see core.METHODS")
+    return names or None
+
+
+def run_only(names: set[str], s: Sizes, log: Callable[[str], None]) -> dict:
+    """The sweep table for a few methods: what a change to one method file needs."""
+    keep = names | {"lora"}
+    every = VIT_SETUPS + DECODER_SETUPS + MOE_SETUPS
+    rows: list[list[object]] = []
+    for short, setups, make in (
+        ("ViT", VIT_SETUPS + guessed_setups(every), lambda: vit_task(s.vit)),
+        ("LLaMA", DECODER_SETUPS, lambda: llama_task(s.llama)),
+        ("Mixtral", MOE_SETUPS, lambda: mixtral_task(s.moe, s.moe_experts)),
+    ):
+        chosen = [x for x in setups if x.method in keep]
+        if not any(x.method in names for x in chosen):
+            continue
+        task = make()
+        log(f"  running {sorted(names)} on {task.name} ...")
+        done = run_task(task, chosen, s, log)
+        rows += sweep_rows(short, done.contenders, done.measured)
+        del done
+    table = sweep_table(rows, clock_name(), [f"only {sorted(names)} ({ONLY_ENV})"])
+    return {"sizes": asdict(s), "tables": [table.as_dict()], "table_objects": [table]}
+
+
 def run(quick: bool, log: Callable[[str], None] = print) -> dict:
     """Run the method sweep; returns JSON-ready numbers and the tables."""
     s = QUICK if quick else FULL
     clock = clock_name()
     warnings.filterwarnings("ignore", module="peft")
+    names = only_methods()
+    if names:
+        return run_only(names, s, log)
     results: dict = {"sizes": asdict(s), "tasks": {}}
 
     vit = vit_task(s.vit)
