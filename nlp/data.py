@@ -10,7 +10,8 @@ Large-Scale Pre-training") as published, one JSON object per line:
         (each line of old/new carries a leading diff-marker character, stripped here)
 
 plus a HumanEval/MBPP-style code-generation file ``<root>/codegen-{split}.jsonl``
-(prompt, test, entry_point, optional canonical_solution).
+(prompt, test, entry_point, optional canonical_solution), and for refinement the data of
+Tufano et al. (``data_format="tufano"`` / ``"tufano_tsv"``, read by ``nlp.tufano``).
 
 Each record becomes the Alpaca-style prompt LLaMA-Reviewer (Lu et al., 2023) fine-tunes
 on (instruction, input, response). The input of a diff task is the hunk with its +/-
@@ -37,6 +38,7 @@ from core.errors import OmniPeftError
 TASKS = ("necessity", "comment", "refine", "codegen")
 REPRESENTATIONS = ("diff", "oldnew")
 SPLITS = ("train", "valid", "test")
+DATA_FORMATS = ("codereviewer", "tufano", "tufano_tsv")
 IGNORE = -100
 HUNK_HEADER = re.compile(r"^@@ -\d+(,\d+)? \+\d+(,\d+)? @@")
 
@@ -169,8 +171,16 @@ def render_input(record: dict[str, Any], task: str, representation: str = "diff"
         old, new = old_and_new(record["patch"])
         return f"Old code:\n{old}\nNew code:\n{new}"
     if task == "refine":
-        return f"Code:\n{strip_markers(record['old'])}\nReview comment:\n{record['comment']}"
+        code = _code(record, "old")
+        comment = record["comment"]
+        return f"Code:\n{code}\nReview comment:\n{comment}" if comment else f"Code:\n{code}"
     return record["prompt"]
+
+
+def _code(record: dict[str, Any], field: str) -> str:
+    """A refinement record's code; CodeReviewer's lines carry a diff-marker column,
+    Tufano et al.'s (``_plain``) do not."""
+    return record[field] if record.get("_plain") else strip_markers(record[field])
 
 
 def response(record: dict[str, Any], task: str) -> str:
@@ -180,7 +190,7 @@ def response(record: dict[str, Any], task: str) -> str:
     if task == "comment":
         return record["msg"]
     if task == "refine":
-        return strip_markers(record["new"])
+        return _code(record, "new")
     return record.get("canonical_solution") or ""
 
 
@@ -288,6 +298,10 @@ class CodeReviewDataModule(lightning.LightningDataModule):
         max_length: tokens per example; the input is cut from its start to fit.
         batch_size / eval_batch_size / num_workers: loader settings.
         limit: use only the first ``limit`` records of each split (quick runs).
+        data_format: "codereviewer" (the release above), or for task "refine" the data of
+            Tufano et al.: "tufano" (``{split}.buggy-fixed.buggy/.fixed`` line pairs, as
+            CodeXGLUE code refinement) or "tufano_tsv" (``{train,val,test}.tsv``); see
+            ``nlp.tufano``.
     """
 
     def __init__(
@@ -301,16 +315,24 @@ class CodeReviewDataModule(lightning.LightningDataModule):
         eval_batch_size: int = 8,
         num_workers: int = 0,
         limit: int | None = None,
+        data_format: str = "codereviewer",
     ) -> None:
         super().__init__()
         _check_choice("task", task, TASKS)
         _check_choice("representation", representation, REPRESENTATIONS)
+        _check_format(data_format, task)
         self.save_hyperparameters()
         self.datasets: dict[str, ReviewDataset] = {}
 
     def records(self, split: str) -> list[dict[str, Any]]:
         hp = self.hparams
-        out = [r for f in split_files(hp.root, hp.task, split) for r in read_jsonl(f, hp.task)]
+        if hp.data_format == "codereviewer":
+            files = split_files(hp.root, hp.task, split)
+            out = [r for f in files for r in read_jsonl(f, hp.task)]
+        else:
+            from .tufano import read_split
+
+            out = read_split(hp.root, split, hp.data_format)
         return out[: hp.limit] if hp.limit else out
 
     def setup(self, stage: str | None = None) -> None:
@@ -343,6 +365,25 @@ class CodeReviewDataModule(lightning.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", False)
+
+
+def _check_format(data_format: str, task: str) -> None:
+    _check_choice("data_format", data_format, DATA_FORMATS)
+    if data_format != "codereviewer" and task != "refine":
+        raise DatasetError(
+            f"data_format {data_format!r} (Tufano et al.) holds code refinement only; use "
+            f"task 'refine', or data_format 'codereviewer' for task {task!r}."
+        )
+
+
+def read_records(path: str | Path, task: str, data_format: str = "codereviewer") -> list[dict]:
+    """The records of one input file in ``data_format`` (``nlp.generate``)."""
+    _check_format(data_format, task)
+    if data_format == "codereviewer":
+        return read_jsonl(Path(path), task)
+    from .tufano import read_file
+
+    return read_file(path, data_format)
 
 
 def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:

@@ -1,9 +1,11 @@
 """Score a predictions file written by ``nlp.generate`` and print the metric table.
 
     python -m nlp.evaluate --task comment --predictions predictions.jsonl [--stopwords FILE]
+    python -m nlp.evaluate --task refine --predictions predictions.jsonl --metrics codebleu
     python -m nlp.evaluate --task codegen --predictions samples.jsonl --k 1 10
 
-Review tasks: the metrics of ``nlp.metrics.review_scores``. Code generation: every
+Review tasks: the metrics of ``nlp.metrics.review_scores`` (``--metrics codebleu`` adds
+CodeBLEU where the ``codebleu`` package is installed). Code generation: every
 sample is executed against its tests in the sandbox (``nlp.sandbox``), pass@k reported.
 ``--unit-tests`` scores generated *tests* instead: they must run and pass on the
 reference code (the record's ``canonical_solution``/``code``).
@@ -16,7 +18,7 @@ import json
 from pathlib import Path
 
 from .data import TASKS
-from .metrics import load_stopwords, mean_pass_at_k, review_scores
+from .metrics import EXTRA_METRICS, check_metrics, load_stopwords, mean_pass_at_k, review_scores
 from .sandbox import check_completion, check_unit_tests
 
 
@@ -54,7 +56,14 @@ def score(task: str, rows: list[dict], **opts) -> dict[str, float]:
         return mean_pass_at_k(results, opts.get("k", (1,)))
     predictions = [r["prediction"] for r in rows]
     references = [r["reference"] for r in rows]
-    return review_scores(task, predictions, references, opts.get("stopwords"))
+    return review_scores(
+        task,
+        predictions,
+        references,
+        opts.get("stopwords"),
+        extra=opts.get("metrics", ()),
+        lang=opts.get("lang", "python"),
+    )
 
 
 def format_table(task: str, scores: dict[str, float]) -> str:
@@ -67,11 +76,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--task", choices=TASKS, required=True)
     p.add_argument("--predictions", required=True)
-    p.add_argument("--stopwords", help="stop-word file for BLEU without stop words")
+    p.add_argument(
+        "--stopwords", help="stop-word file (default: the CodeReviewer benchmark's list)"
+    )
+    p.add_argument("--metrics", nargs="+", default=[], help=f"extra metrics: {list(EXTRA_METRICS)}")
+    p.add_argument("--lang", default="python", help="language of the code (CodeBLEU)")
     p.add_argument("--k", type=int, nargs="+", default=[1])
     p.add_argument("--unit-tests", action="store_true")
     p.add_argument("--timeout", type=float, default=5.0)
     args = p.parse_args(argv)
+    check_metrics(args.metrics)  # before any work: a missing package fails at once
     stopwords = load_stopwords(args.stopwords) if args.stopwords else None
     scores = score(
         args.task,
@@ -80,6 +94,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         k=args.k,
         unit_tests=args.unit_tests,
         timeout=args.timeout,
+        metrics=args.metrics,
+        lang=args.lang,
     )
     print(format_table(args.task, scores))
     return scores

@@ -20,7 +20,7 @@ import torch
 import core
 from core.lightning import TRAINED_FILE, load_trained
 
-from .data import TASKS, encode, read_jsonl, render_input, response, write_jsonl
+from .data import DATA_FORMATS, TASKS, encode, read_records, render_input, response, write_jsonl
 from .module import load_causal_lm
 from .tokenizer import load_tokenizer
 
@@ -71,7 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tokenizer", help="'byte' or path / hub id (default: --pretrained)")
     p.add_argument("--task", choices=TASKS, required=True)
     p.add_argument("--representation", default="diff", choices=("diff", "oldnew"))
-    p.add_argument("--input", required=True)
+    p.add_argument("--input", required=True, help="a JSONL file, a .buggy-fixed.buggy or a .tsv")
+    p.add_argument("--format", default="codereviewer", choices=DATA_FORMATS, dest="data_format")
     p.add_argument("--output", required=True)
     p.add_argument("--max-length", type=int, default=1024)
     p.add_argument("--batch-size", type=int, default=8)
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> Path:
     config = json.loads(args.backbone_config) if args.backbone_config else None
     model = load_tuned(args.pretrained, args.adapter, config, args.init_seed)
     tokenizer = load_tokenizer(args.tokenizer or args.pretrained)
-    records = read_jsonl(Path(args.input), args.task)
+    records = read_records(args.input, args.task, args.data_format)
     prompts = [
         encode(
             tokenizer,

@@ -2,28 +2,52 @@
 
 * Review necessity: precision, recall and F1 of the "needs review" (yes) class
   (torchmetrics).
-* Comment generation and refinement: smoothed sentence BLEU-4 averaged over the corpus,
-  x 100, on ``nltk.wordpunct_tokenize`` tokens, with stop words removed and kept
-  (CodeReviewer's evaluator). Computed by nltk's ``sentence_bleu`` with
-  ``SmoothingFunction().method2`` (Lin & Och, 2004: add one to the counts of n > 1) when
-  nltk is installed; otherwise by torchmetrics' ``bleu_score(smooth=True)`` (the same
-  add-one smoothing for n > 1, but a sentence without any matching n-gram of some order
-  scores 0 there, where Lin & Och gives a small positive value).
-* Refinement: exact match after whitespace normalisation.
+* Comment generation and refinement: BLEU-4 as the CodeReviewer benchmark (Li et al.,
+  2022, "Automating Code Review Activities by Large-Scale Pre-training") computes it in
+  its evaluator (``smooth_bleu.bleu_fromstr``): each text is cut into
+  ``nltk.wordpunct_tokenize`` tokens, stop words are dropped (for "BLEU without stop
+  words"), the rest is lower-cased and every punctuation run split into single
+  characters; each pair then gets the smoothed sentence BLEU-4 of Lin & Och (2004,
+  "ORANGE"): modified n-gram precisions p_1 = c_1 / g_1 and p_n = (c_n + 1) / (g_n + 1)
+  for n = 2..4 (c_n clipped matches, g_n = max(len - n + 1, 0) candidate n-grams), the
+  geometric mean of the four, times the benchmark's brevity penalty
+  exp(min(0, 1 - (r + 1) / (t + 1))) (t, r: candidate and reference lengths); the corpus
+  figure is the mean x 100. The smoothing is nltk's ``SmoothingFunction().method2`` and
+  sacrebleu's ``add-k`` with k = 1; where t >= r and t >= 4 (brevity penalty 1 in all
+  three) the sentence score equals nltk's ``sentence_bleu`` with method2 and sacrebleu's
+  ``sentence_bleu(smooth_method="add-k", smooth_value=1)`` (the tests check both).
+  The stop-word list is the benchmark's own, shipped as ``codereviewer_stopwords.txt``.
+* Refinement: exact match after whitespace normalisation; CodeBLEU (Ren et al., 2020)
+  optionally, through the ``codebleu`` package.
 * Code generation: the unbiased pass@k of Chen et al., 2021 ("Evaluating Large Language
   Models Trained on Code"), 1 - C(n-c, k) / C(n, k).
 """
 
 from __future__ import annotations
 
+import importlib.util
+import math
 import re
+from collections import Counter
 from collections.abc import Iterable, Sequence
+from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from core.errors import OmniPeftError
+
 YES, NO = "yes", "no"
+MAX_ORDER = 4
 _WORDPUNCT = re.compile(r"\w+|[^\w\s]+")  # nltk.WordPunctTokenizer's pattern
+_WORD_OR_CHAR = re.compile(r"\w+|[^\w\s]")  # words, and punctuation one char at a time
+STOPWORDS_FILE = Path(__file__).with_name("codereviewer_stopwords.txt")
+EXTRA_METRICS = ("codebleu",)
+
+
+class MetricError(OmniPeftError, ValueError):
+    """A metric that cannot be computed as asked (unknown name, missing package)."""
 
 
 def has_nltk() -> bool:
@@ -43,54 +67,87 @@ def wordpunct_tokenize(text: str) -> list[str]:
     return _WORDPUNCT.findall(text)
 
 
+@lru_cache(maxsize=4)
 def load_stopwords(path: str | None = None) -> frozenset[str]:
-    """Stop words, one per line from ``path`` (CodeReviewer ships its list as
-    ``evaluator/stopwords.txt``), else nltk's English list (needs nltk and its corpus)."""
-    if path:
-        with open(path, encoding="utf-8") as handle:
-            return frozenset(w.strip() for w in handle if w.strip())
-    try:
-        from nltk.corpus import stopwords
-
-        return frozenset(stopwords.words("english"))
-    except (ImportError, LookupError) as err:
-        raise RuntimeError(
-            "BLEU without stop words needs a stop-word list: pass stopwords=<file, one word "
-            f"per line> (CodeReviewer's evaluator/stopwords.txt) or install nltk ({err})."
-        ) from None
+    """Stop words, one per line ('#' lines are comments): ``path``, else the CodeReviewer
+    benchmark's list shipped with this package (``codereviewer_stopwords.txt``)."""
+    source = Path(path) if path else STOPWORDS_FILE
+    if not source.is_file():
+        raise MetricError(f"stop-word file {source} does not exist; give one word per line.")
+    with open(source, encoding="utf-8") as handle:
+        words = (line.strip() for line in handle)
+        return frozenset(w for w in words if w and not w.startswith("#"))
 
 
-def _tokens(text: str, stopwords: frozenset[str] | None) -> list[str]:
+def bleu_tokens(text: str, stopwords: frozenset[str] | None = None) -> list[str]:
+    """The benchmark's tokens: wordpunct, stop words dropped (case-sensitively, before
+    lower-casing, as its evaluator does), lower-cased, punctuation runs split per char."""
     tokens = wordpunct_tokenize(text)
-    return [t for t in tokens if t not in stopwords] if stopwords else tokens
+    if stopwords:
+        tokens = [t for t in tokens if t not in stopwords]
+    return _WORD_OR_CHAR.findall(" ".join(tokens).lower())
 
 
-def sentence_bleu4(prediction: list[str], reference: list[str]) -> float:
-    """Smoothed BLEU-4 of one tokenised pair, in [0, 1] (see the module docstring)."""
-    if not prediction or not reference:
-        return 0.0
-    if has_nltk():
-        from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+def ngram_matches(candidate: list[str], reference: list[str], n: int) -> tuple[int, int]:
+    """(clipped matches c_n, candidate n-grams g_n) of Papineni et al. (2002)."""
+    grams = Counter(tuple(candidate[i : i + n]) for i in range(len(candidate) - n + 1))
+    ref = Counter(tuple(reference[i : i + n]) for i in range(len(reference) - n + 1))
+    return sum(min(c, ref[g]) for g, c in grams.items()), max(len(candidate) - n + 1, 0)
 
-        method2 = SmoothingFunction().method2
-        return float(sentence_bleu([reference], prediction, smoothing_function=method2))
-    from torchmetrics.functional.text import bleu_score
 
-    return float(bleu_score([" ".join(prediction)], [[" ".join(reference)]], smooth=True))
+def sentence_bleu4(candidate: list[str], reference: list[str]) -> float:
+    """The benchmark's smoothed BLEU-4 of one tokenised pair, in [0, 1] (module docstring).
+
+    A candidate without any unigram match scores 0 (the benchmark's log of a 1e-308 floor
+    gives ~1e-77); an empty candidate scores exp(-r) as in the benchmark."""
+    log_p = 0.0
+    for n in range(1, MAX_ORDER + 1):
+        correct, guessed = ngram_matches(candidate, reference, n)
+        add = 1 if n > 1 else 0  # Lin & Och: add one to numerator and denominator for n > 1
+        if n == 1 and guessed and not correct:
+            return 0.0
+        log_p += math.log(correct + add) - math.log(guessed + add) if guessed + add else 0.0
+    t, r = len(candidate), len(reference)
+    brevity = min(0.0, 1.0 - (r + 1) / (t + 1))
+    return math.exp(log_p / MAX_ORDER + brevity)
 
 
 def review_bleu(
     predictions: Sequence[str], references: Sequence[str], stopwords: frozenset[str] | None = None
 ) -> float:
-    """Corpus mean of smoothed sentence BLEU-4, x 100; ``stopwords`` removed when given."""
+    """Corpus mean of the benchmark's sentence BLEU-4, x 100; ``stopwords`` removed first."""
     _same_length(predictions, references)
     if not predictions:
         return 0.0
     scores = [
-        sentence_bleu4(_tokens(p, stopwords), _tokens(r, stopwords))
+        sentence_bleu4(bleu_tokens(p, stopwords), bleu_tokens(r, stopwords))
         for p, r in zip(predictions, references, strict=True)
     ]
     return 100.0 * float(np.mean(scores))
+
+
+def codebleu(predictions: Sequence[str], references: Sequence[str], lang: str) -> float:
+    """CodeBLEU (Ren et al., 2020) x 100 through the maintained ``codebleu`` package."""
+    try:
+        from codebleu import calc_codebleu
+    except ImportError:
+        raise MetricError(
+            "CodeBLEU needs the 'codebleu' package (and the tree-sitter grammar of the "
+            f"language, e.g. tree-sitter-{lang}): pip install codebleu tree-sitter-{lang}, "
+            "or drop codebleu from the metrics."
+        ) from None
+    _same_length(predictions, references)
+    result = calc_codebleu(list(references), list(predictions), lang=lang)
+    return 100.0 * float(result["codebleu"])
+
+
+def check_metrics(names: Sequence[str]) -> None:
+    """Fail early on an unknown extra metric or one whose package is missing."""
+    for name in names:
+        if name not in EXTRA_METRICS:
+            raise MetricError(f"unknown metric {name!r}; extra metrics are {list(EXTRA_METRICS)}.")
+    if "codebleu" in names and importlib.util.find_spec("codebleu") is None:
+        codebleu([], [], "python")  # raises the message naming the package
 
 
 def normalise_whitespace(code: str) -> str:
@@ -162,16 +219,26 @@ def review_scores(
     predictions: Sequence[str],
     references: Sequence[str],
     stopwords: frozenset[str] | None = None,
+    extra: Sequence[str] = (),
+    lang: str = "python",
 ) -> dict[str, float]:
-    """The paper's table row for ``task`` (necessity: references are "yes"/"no" or 0/1)."""
+    """The paper's table row for ``task`` (necessity: references are "yes"/"no" or 0/1).
+
+    Comment generation reports BLEU-4 with stop words kept and removed (``stopwords``,
+    default the benchmark's list); refinement BLEU-4 with them kept and exact match;
+    ``extra`` adds optional metrics ("codebleu", in ``lang``)."""
+    check_metrics(extra)
     if task == "necessity":
         labels = [r if isinstance(r, int) else parse_yes_no(str(r)) for r in references]
         return necessity_scores(predictions, labels)
     scores = {"bleu4": review_bleu(predictions, references)}
-    if task == "comment" and stopwords:
-        scores["bleu4_no_stopwords"] = review_bleu(predictions, references, stopwords)
+    if task == "comment":
+        words = stopwords if stopwords is not None else load_stopwords()
+        scores["bleu4_no_stopwords"] = review_bleu(predictions, references, words)
     if task == "refine":
         scores["exact_match"] = exact_match(predictions, references)
+    if "codebleu" in extra:
+        scores["codebleu"] = codebleu(predictions, references, lang)
     return scores
 
 

@@ -2,8 +2,11 @@
 (LLaMA-Reviewer, Lu et al., 2023) with one core method, or fully fine-tuned (method=None).
 
 The loss is the next-token cross-entropy on the response tokens (labels are -100 on the
-prompt). Validation and test also decode the prompts greedily (left-padded, KV cache) and
-score them with the task's metrics (``nlp.metrics.review_scores``).
+prompt). Validation and test log that loss and the response perplexity (exp of the
+token-weighted mean loss over the epoch), then decode the prompts greedily (left-padded,
+KV cache) and score them with the task's metrics (``nlp.metrics.review_scores``);
+``decode_in_validation=False`` skips the decoding in validation (teacher-forced loss and
+perplexity only, much faster), test always decodes.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from core.errors import ConfigError
 from core.lightning import MethodArg, PeftModule
 
 from .data import TASKS
-from .metrics import review_scores
+from .metrics import check_metrics, review_scores
 
 QUANTIZE = (None, "4bit", "8bit")
 
@@ -97,6 +100,11 @@ class ReviewLM(PeftModule):
         gradient_checkpointing: recompute activations in backward (long prompts on GPU).
         max_new_tokens / num_beams: decoding in validation and test.
         init_seed: seed of a random-init backbone, so every rebuild is identical.
+        decode_in_validation: False logs only val_loss and val_ppl in validation (no
+            generation); test still decodes and scores.
+        extra_metrics: optional metrics besides the task's table, e.g. ["codebleu"]
+            (checked at construction: a missing package fails before training).
+        code_lang: language of the code for CodeBLEU.
         **kwargs: ``PeftModule`` arguments (lr, weight_decay, warmup_steps, scheduler,
             adapter_name, init_adapter, betas).
     """
@@ -115,14 +123,20 @@ class ReviewLM(PeftModule):
         max_new_tokens: int = 64,
         num_beams: int = 1,
         init_seed: int = 0,
+        decode_in_validation: bool = True,
+        extra_metrics: list[str] | None = None,
+        code_lang: str = "python",
         **kwargs: Any,
     ) -> None:
         if task not in TASKS:
             raise ConfigError(f"task must be one of {TASKS}, got {task!r}.")
         if quantize not in QUANTIZE:
             raise ConfigError(f"quantize must be one of {QUANTIZE}, got {quantize!r}.")
+        check_metrics(extra_metrics or [])
         super().__init__(method, **kwargs)
         self.outputs: dict[str, list[tuple[str, str]]] = {"val": [], "test": []}
+        # per stage: summed response-token NLL and token count, for the epoch's perplexity
+        self.nll: dict[str, list[torch.Tensor]] = {"val": [], "test": []}
 
     # -- building -------------------------------------------------------------------------
 
@@ -180,6 +194,10 @@ class ReviewLM(PeftModule):
     def _evaluate(self, stage: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         loss, _ = self.compute_loss(batch)
         self.log(f"{stage}_loss", loss, prog_bar=True, sync_dist=True)
+        tokens = (batch["labels"][:, 1:] != -100).sum()  # the targets the mean loss covers
+        self.nll[stage].append(torch.stack([loss.detach().float() * tokens, tokens.float()]))
+        if stage == "val" and not self.hparams.decode_in_validation:
+            return loss
         predictions = self.generate(batch["prompt_ids"], batch["prompt_mask"])
         references = self._references(batch)
         self.outputs[stage].extend(zip(predictions, references, strict=True))
@@ -197,12 +215,25 @@ class ReviewLM(PeftModule):
         return self._evaluate("test", batch)
 
     def _log_scores(self, stage: str) -> None:
+        self._log_perplexity(stage)
         pairs, self.outputs[stage] = self.outputs[stage], []
         if not pairs:
             return
         predictions, references = zip(*pairs, strict=True)
-        for name, value in review_scores(self.hparams.task, predictions, references).items():
+        hp = self.hparams
+        scores = review_scores(
+            hp.task, predictions, references, extra=hp.extra_metrics or (), lang=hp.code_lang
+        )
+        for name, value in scores.items():
             self.log(f"{stage}_{name}", value)
+
+    def _log_perplexity(self, stage: str) -> None:
+        """exp(summed NLL / tokens) over the epoch (and over processes)."""
+        parts, self.nll[stage] = self.nll[stage], []
+        if not parts:
+            return
+        total = self.all_gather(torch.stack(parts).sum(0)).reshape(-1, 2).sum(0)
+        self.log(f"{stage}_ppl", torch.exp(total[0] / total[1].clamp(min=1)).item())
 
     def on_validation_epoch_end(self) -> None:
         self._log_scores("val")

@@ -11,6 +11,7 @@ from nlp.data import (
     encode,
     old_and_new,
     read_jsonl,
+    read_records,
     render_prompt,
     response,
     split_files,
@@ -111,3 +112,87 @@ def test_data_module_batches(release):
     batch = next(iter(dm.train_dataloader()))
     assert batch["input_ids"].shape[0] == 2
     assert (batch["labels"] != IGNORE).sum() > 0
+
+
+# --- Tufano et al. code refinement ---------------------------------------------------------
+
+BUGGY = [
+    "public TYPE_1 METHOD_1 ( ) { return VAR_1 ; }",
+    "<code>public void METHOD_2 ( int VAR_2 ) { <START> if ( VAR_2 = 0 ) <END> return ; }"
+    "</code><technical_language>use == here</technical_language>",
+]
+FIXED = [
+    "public TYPE_1 METHOD_1 ( ) { return this . VAR_1 ; }",
+    "public void METHOD_2 ( int VAR_2 ) { if ( VAR_2 == 0 ) return ; }",
+]
+
+
+def write_tufano(folder, buggy=BUGGY, fixed=FIXED, splits=("train", "valid", "test")):
+    folder.mkdir(parents=True, exist_ok=True)
+    for split in splits:
+        (folder / f"{split}.buggy-fixed.buggy").write_text("\n".join(buggy) + "\n")
+        (folder / f"{split}.buggy-fixed.fixed").write_text("\n".join(fixed) + "\n")
+    return folder
+
+
+def test_tufano_parallel_files_become_refinement_examples(tmp_path):
+    root = write_tufano(tmp_path / "small")
+    dm = CodeReviewDataModule(str(root), task="refine", data_format="tufano", batch_size=2)
+    plain, tagged = dm.records("train")
+    assert (plain["old"], plain["comment"], plain["new"]) == (BUGGY[0], "", FIXED[0])
+    assert tagged["comment"] == "use == here" and tagged["old"].startswith("public void")
+    assert "<START> if ( VAR_2 = 0 ) <END>" in tagged["old"]  # the marked span is kept
+    assert tagged["_where"].endswith("train.buggy-fixed.buggy:2")
+    assert "Review comment:\nuse == here\n\n### Response:\n" in render_prompt(tagged, "refine")
+    assert "Review comment" not in render_prompt(plain, "refine")
+    dm.setup("fit")
+    batch = next(iter(dm.val_dataloader()))
+    tok = dm.tokenizer
+    targets = [tok.decode(row[row != IGNORE], skip_special_tokens=True) for row in batch["labels"]]
+    assert targets == FIXED  # the fixed code verbatim, no diff-marker column stripped
+
+
+def test_tufano_mismatched_line_counts_name_both_files(tmp_path):
+    root = write_tufano(tmp_path, fixed=FIXED[:1], splits=("train",))
+    with pytest.raises(DatasetError, match="has 2 lines but .* has 1") as err:
+        CodeReviewDataModule(str(root), task="refine", data_format="tufano").records("train")
+    assert "train.buggy-fixed.buggy" in str(err.value)
+    assert "train.buggy-fixed.fixed" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("buggy", "message"),
+    [
+        ([BUGGY[0], "<code>int x ;</code>"], r"buggy:2: a tagged input must be"),
+        ([BUGGY[0], "   "], r"buggy:2: empty input"),
+    ],
+)
+def test_tufano_malformed_lines_name_file_and_line(tmp_path, buggy, message):
+    root = write_tufano(tmp_path, buggy=buggy, splits=("valid",))
+    with pytest.raises(DatasetError, match=message):
+        read_records(root / "valid.buggy-fixed.buggy", "refine", "tufano")
+
+
+def test_tufano_missing_files_and_wrong_task_are_clear_errors(tmp_path):
+    write_tufano(tmp_path, splits=("train",))
+    (tmp_path / "train.buggy-fixed.fixed").unlink()
+    with pytest.raises(DatasetError, match=r"train.buggy-fixed.fixed does not exist"):
+        CodeReviewDataModule(str(tmp_path), task="refine", data_format="tufano").records("train")
+    with pytest.raises(DatasetError, match="needs its .buggy-fixed.fixed pair"):
+        read_records(tmp_path / "train.buggy-fixed.buggy", "refine", "tufano")
+    with pytest.raises(DatasetError, match="code refinement only; use task 'refine'"):
+        CodeReviewDataModule(str(tmp_path), task="comment", data_format="tufano")
+    with pytest.raises(DatasetError, match="data_format must be one of"):
+        CodeReviewDataModule(str(tmp_path), task="refine", data_format="csv")
+
+
+def test_tufano_tsv_release(tmp_path):
+    rows = [f"{b}\t{f}" for b, f in zip(BUGGY, FIXED, strict=True)]
+    for name in ("train", "val", "test"):
+        (tmp_path / f"{name}.tsv").write_text("\n".join(rows) + "\n")
+    dm = CodeReviewDataModule(str(tmp_path), task="refine", data_format="tufano_tsv")
+    valid = dm.records("valid")  # the release names it val.tsv
+    assert [r["new"] for r in valid] == FIXED and valid[1]["comment"] == "use == here"
+    (tmp_path / "test.tsv").write_text(rows[0] + "\n" + BUGGY[0] + "\n")
+    with pytest.raises(DatasetError, match=r"test.tsv:2: expected 2 tab-separated columns"):
+        dm.records("test")

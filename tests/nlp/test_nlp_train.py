@@ -1,4 +1,5 @@
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -56,7 +57,35 @@ def test_fit_generate_evaluate(tmp_path, release, method):
     )  # fmt: skip
     rows = [json.loads(line) for line in preds.read_text().splitlines()]
     assert len(rows) == 2 and all(isinstance(r["prediction"], str) for r in rows)
-    assert set(evaluate.main(["--task", "comment", "--predictions", str(preds)])) == {"bleu4"}
+    scores = evaluate.main(["--task", "comment", "--predictions", str(preds)])
+    assert set(scores) == {"bleu4", "bleu4_no_stopwords"}
+
+
+def test_validation_without_decoding_logs_loss_and_perplexity_only(tmp_path, release, monkeypatch):
+    from nlp.module import ReviewLM
+
+    def no_generate(*args, **kwargs):
+        raise AssertionError("validation must not decode with decode_in_validation=false")
+
+    monkeypatch.setattr(ReviewLM, "generate", no_generate)
+    args = tiny_args(METHODS["lora"], release, tmp_path, "--model.decode_in_validation", "false")
+    cli = main(args, run=False)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    logged = cli.trainer.callback_metrics
+    assert "val_bleu4" not in logged and "val_loss" in logged
+    # one validation batch: the token-weighted perplexity is exp of that batch's mean loss
+    assert float(logged["val_ppl"]) == pytest.approx(math.exp(float(logged["val_loss"])), rel=1e-5)
+
+
+def test_missing_codebleu_fails_at_model_construction(monkeypatch):
+    import sys
+
+    from nlp.metrics import MetricError
+    from nlp.module import ReviewLM
+
+    monkeypatch.setitem(sys.modules, "codebleu", None)
+    with pytest.raises(MetricError, match="pip install codebleu"):
+        ReviewLM(backbone="tiny", backbone_config=TINY, task="refine", extra_metrics=["codebleu"])
 
 
 def test_resume_continues_from_checkpoint(tmp_path, release):
