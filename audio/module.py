@@ -28,6 +28,16 @@ from .backbones import build_ast
 NORMS = ("layernorm_before", "layernorm_after")  # every block's two LayerNorms
 
 
+@dataclasses.dataclass(frozen=True)
+class Mixup:
+    """One mixed batch: inputs, soft targets (batch, classes), lambda and the partners."""
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    lam: float
+    perm: torch.Tensor
+
+
 def _check(tuning: str, method: MethodArg | None, num_classes: Any, mixup: float) -> None:
     if tuning not in TUNINGS:
         raise ConfigError(f"tuning must be one of {TUNINGS}, got {tuning!r}.")
@@ -95,25 +105,30 @@ class AudioClassifier(PeftModule):
             model.head.requires_grad_(True)
         return model
 
-    def _mix(self, x: torch.Tensor, y: torch.Tensor):
-        lam = float(
-            torch.distributions.Beta(self.hparams.mixup_alpha, self.hparams.mixup_alpha).sample()
-        )
+    def mix(self, x: torch.Tensor, y: torch.Tensor) -> Mixup:
+        """Mixup (Zhang et al., 2018): lambda ~ Beta(alpha, alpha), each clip mixed with a
+        random partner, x~ = lambda x + (1 - lambda) x[perm], and its one-hot label likewise,
+        y~ = lambda y + (1 - lambda) y[perm], a soft target for the cross-entropy."""
+        alpha = self.hparams.mixup_alpha
+        lam = float(torch.distributions.Beta(alpha, alpha).sample())
         perm = torch.randperm(x.shape[0], device=x.device)
-        return lam * x + (1 - lam) * x[perm], y[perm], lam
+        one_hot = F.one_hot(y, self.hparams.num_classes).to(torch.float32)
+        return Mixup(
+            inputs=lam * x + (1 - lam) * x[perm],
+            targets=lam * one_hot + (1 - lam) * one_hot[perm],
+            lam=lam,
+            perm=perm,
+        )
 
     def compute_loss(self, batch: Any) -> tuple[torch.Tensor, dict[str, Any]]:
         x, y = batch[0], batch[1]
         smooth = self.hparams.label_smoothing
+        target: torch.Tensor = y
         if self.training and self.hparams.mixup_alpha > 0:
-            x, y2, lam = self._mix(x, y)
-            logits = self(x).float()
-            loss = lam * F.cross_entropy(logits, y, label_smoothing=smooth) + (1 - lam) * (
-                F.cross_entropy(logits, y2, label_smoothing=smooth)
-            )
-        else:
-            logits = self(x).float()
-            loss = F.cross_entropy(logits, y, label_smoothing=smooth)
+            mixed = self.mix(x, y)
+            x, target = mixed.inputs, mixed.targets
+        logits = self(x).float()
+        loss = F.cross_entropy(logits, target, label_smoothing=smooth)
         return loss, {"acc": (logits.argmax(-1) == y).float().mean()}
 
     def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
@@ -154,4 +169,4 @@ class AudioClassifier(PeftModule):
         )
 
 
-__all__ = ["NORMS", "AudioClassifier"]
+__all__ = ["NORMS", "AudioClassifier", "Mixup"]
