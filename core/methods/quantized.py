@@ -10,8 +10,9 @@ quantised weight and no separate adapter:
     W_hat = s q + beta,      y = x W_hat^T + bias
 
 s (step) and beta (offset) are learned per output row and input group, started from the
-group's min-max range of W0; round passes gradients straight through inside the range
-(LSQ's gradients for s and beta). A custom backward recomputes W_hat instead of keeping the
+group's min-max range of W0; round passes gradients straight through strictly inside the
+range, 0 < (W' - beta) / s < 2^bits - 1 (LSQ's gradients for s and beta; an entry exactly at
+a bound, e.g. each group's minimum at the start, takes the clamped branch). A custom backward recomputes W_hat instead of keeping the
 (d_out x d_in) intermediates of autograd, which is the paper's memory-optimised layer.
 
 Not the identity at start: the model starts as the quantised W0 (B = 0), as in the paper.
@@ -96,58 +97,102 @@ def _oriented(base: nn.Module) -> torch.Tensor:
     return base.weight.T if is_fan_in_fan_out(base) else base.weight
 
 
-def quant_codes(weight: torch.Tensor, step: torch.Tensor, offset: torch.Tensor, qmax: int):
-    """(v, q): v = (W - beta) / s per group, q = clamp(round(v), 0, qmax) (float codes);
-    weight (out, in), step/offset (out, groups)."""
-    grouped = weight.unflatten(1, (step.shape[1], -1))
-    v = (grouped - offset[..., None]) / step[..., None]
-    return v, torch.clamp(torch.round(v), 0, qmax)
-
-
 def dequantize_groups(q: torch.Tensor, step: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
     """s q + beta per group, back to (out, in); the one formula training and export share."""
     return (q * step[..., None] + offset[..., None]).flatten(1)
 
 
+# --- the training layer ------------------------------------------------------------------------
+#
+# On the CPU a pass over a (d_out x d_in) tensor costs about a millisecond at ViT-B's qkv, and
+# comparisons that make boolean masks cost several (bool kernels are not vectorised), so the
+# layer below spends as few passes as it can: the intermediates are built in place in one
+# buffer, and the quantiser's range test is done by ``hardtanh_backward`` (one vectorised pass
+# that keeps a gradient where 0 < v < qmax) instead of a boolean mask.
+
+
+def scaled_weight(weight, a, b, step, offset, scale: float) -> torch.Tensor:
+    """v = (W0 + scale B A - beta) / s per group, as (out, groups, group_size) float32: one
+    new buffer (addmm), then in place."""
+    merged = torch.addmm(weight.float(), b.float(), a.float(), alpha=scale)
+    v = merged.view(step.shape[0], step.shape[1], -1)
+    return v.sub_(offset[..., None]).div_(step[..., None])
+
+
+def codes_of(v: torch.Tensor, qmax: int, *, inplace: bool = False) -> torch.Tensor:
+    """q = clamp(round(v), 0, qmax), overwriting ``v`` when ``inplace``."""
+    q = v.round_() if inplace else torch.round(v)
+    return q.clamp_(0, qmax)
+
+
 class _QuantizedLoRALinear(torch.autograd.Function):
-    """x W_hat^T with W_hat = Q(W0 + scale B A); saves only its inputs and recomputes W_hat
-    in backward (no d_out x d_in tensor kept between the passes)."""
+    """x W_hat^T + bias with W_hat = Q(W0 + scale B A); saves only its inputs and recomputes
+    W_hat in backward (no d_out x d_in tensor kept between the passes)."""
 
     @staticmethod
-    def forward(ctx, x, weight, a, b, step, offset, scale: float, qmax: int):
-        w_hat = _L4QMath.quantized(weight, a, b, step, offset, scale, qmax)[0]
+    def forward(ctx, x, weight, bias, a, b, step, offset, scale: float, qmax: int):
+        step32, offset32 = _L4QMath.quantiser(step, offset)
+        v = scaled_weight(weight, a, b, step32, offset32, scale)
+        w_hat = codes_of(v, qmax, inplace=True).mul_(step32[..., None]).add_(offset32[..., None])
         ctx.save_for_backward(x, weight, a, b, step, offset)
         ctx.scale, ctx.qmax = scale, qmax
-        return F.linear(x, w_hat.to(x.dtype))
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        bias = None if bias is None else bias.to(x.dtype)
+        return F.linear(x, w_hat.flatten(1).to(x.dtype), bias)  # the bias added in the GEMM
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, a, b, step, offset = ctx.saved_tensors
-        w_hat, v, q = _L4QMath.quantized(weight, a, b, step, offset, ctx.scale, ctx.qmax)
-        grad_x = grad_out @ w_hat.to(grad_out.dtype)
-        grad_w_hat = grad_out.reshape(-1, grad_out.shape[-1]).T @ x.reshape(-1, x.shape[-1])
-        grad_w_hat = grad_w_hat.to(w_hat.dtype).unflatten(1, (step.shape[1], -1))
-        inside = (v >= 0) & (v <= ctx.qmax)
-        grad_w = (grad_w_hat * inside).flatten(1)  # straight through round, zero when clamped
-        grad_a = ctx.scale * (b.T.to(grad_w.dtype) @ grad_w)
-        grad_b = ctx.scale * (grad_w @ a.T.to(grad_w.dtype))
-        # LSQ: d W_hat / d s = round(v) - v inside, the clamp bound outside; d / d beta = 1
-        # outside the range and 0 inside.
-        d_step = torch.where(inside, q - v, q)
-        grad_step = (grad_w_hat * d_step).sum(-1)
-        grad_offset = (grad_w_hat * ~inside).sum(-1)
-        return (grad_x, None, grad_a.to(a.dtype), grad_b.to(b.dtype),
-                grad_step.to(step.dtype), grad_offset.to(offset.dtype), None, None)  # fmt: skip
+        need_x, _, need_bias, need_a, need_b, need_step, need_offset = ctx.needs_input_grad[:7]
+        step32, offset32 = _L4QMath.quantiser(step, offset)
+        v = scaled_weight(weight, a, b, step32, offset32, ctx.scale)
+        q = codes_of(v, ctx.qmax)
+        grad_x = grad_bias = None
+        if need_bias:
+            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(ctx.bias_dtype)
+        if need_x:  # not wanted under the first adapted layer: skip W_hat and its GEMM
+            w_hat = torch.mul(q, step32[..., None]).add_(offset32[..., None]).flatten(1)
+            grad_x = grad_out @ w_hat.to(grad_out.dtype)
+            del w_hat
+        if not (need_a or need_b or need_step or need_offset):
+            return grad_x, None, grad_bias, None, None, None, None, None, None
+        # dL/dW_hat = dy^T x: a full (out, in) GEMM that the masked quantiser gradient needs
+        # (LoRA's factored dA, dB do not exist here: the range mask is elementwise).
+        rows = grad_out.reshape(-1, grad_out.shape[-1]).t()
+        grad_w_hat = (rows @ x.reshape(-1, x.shape[-1])).float().view(v.shape)
+        # Straight through round, zero when clamped: dW_hat/dW' = 1 strictly inside the range
+        # 0 < v < qmax (LSQ's range; at a bound the clamp branch applies, as clamp's gradient).
+        grad_w = torch.ops.aten.hardtanh_backward(grad_w_hat, v, 0.0, float(ctx.qmax))
+        grad_a = grad_b = grad_step = grad_offset = None
+        if need_a:
+            grad_a = (b.float().t() @ grad_w.flatten(1)).mul_(ctx.scale).to(a.dtype)
+        if need_b:
+            grad_b = (grad_w.flatten(1) @ a.float().t()).mul_(ctx.scale).to(b.dtype)
+        # LSQ: d W_hat / d s = q - v inside the range, q (its bound) outside and at the bounds;
+        # d / d beta = 1 there and 0 inside. Summed per group: sum g q - sum_inside g v and
+        # sum g - sum_inside g (autograd of the equations sums the same two terms).
+        if need_offset:
+            grad_offset = (grad_w_hat.sum(-1) - grad_w.sum(-1)).to(offset.dtype)
+        if need_step:
+            inside_term = v.mul_(grad_w).sum(-1)
+            grad_step = (q.mul_(grad_w_hat).sum(-1) - inside_term).to(step.dtype)
+        grads = (grad_a, grad_b, grad_step, grad_offset)
+        return grad_x, None, grad_bias, *grads, None, None
 
 
 class _L4QMath:
     @staticmethod
+    def quantiser(step, offset) -> tuple[torch.Tensor, torch.Tensor]:
+        """(s, beta) in float32, s floored away from zero."""
+        return step.float().clamp_min(STEP_FLOOR), offset.float()
+
+    @staticmethod
     def quantized(weight, a, b, step, offset, scale: float, qmax: int):
-        """(W_hat, v, q) in float32 for W' = W0 + scale B A."""
-        merged = weight.float() + scale * (b.float() @ a.float())
-        step = step.float().clamp_min(STEP_FLOOR)
-        v, q = quant_codes(merged, step, offset.float(), qmax)
-        return dequantize_groups(q, step, offset.float()), v, q
+        """(W_hat, v, q) in float32 for W' = W0 + scale B A (v, q grouped)."""
+        step, offset = _L4QMath.quantiser(step, offset)
+        v = scaled_weight(weight, a, b, step, offset, scale)
+        q = codes_of(v, qmax)
+        return dequantize_groups(q, step, offset), v, q
 
 
 class L4QAdapter(Adapter):
@@ -193,10 +238,8 @@ class L4QAdapter(Adapter):
         if args or kwargs:
             raise TypeError("L4Q wraps linear layers called with one input tensor.")
         weight = _oriented(base)
-        y = _QuantizedLoRALinear.apply(
-            x, weight, self.A, self.B, self.step, self.offset, self.scale, self.qmax
-        )
-        return y if base.bias is None else y + base.bias.to(y.dtype)
+        params = (self.A, self.B, self.step, self.offset)
+        return _QuantizedLoRALinear.apply(x, weight, base.bias, *params, self.scale, self.qmax)
 
     def merge(self, base: nn.Module) -> None:
         """Quantise: the base weight becomes W_hat (W0 kept aside to unmerge)."""

@@ -166,3 +166,91 @@ def test_trains_a_llama_and_counts_on_the_meta_device():
     q_proj = 4 * (64 + 64) + 2 * 64 * (64 // 32)
     down_proj = 4 * (128 + 64) + 2 * 64 * (128 // 32)
     assert core.param_report(meta).by_adapter["default"]["params"] == 2 * (q_proj + down_proj)
+
+
+# --- the fast training layer against autograd of the paper's equations ------------------------
+
+
+def fast_and_reference_grads(layer, x, grad, bias_trains):
+    """Output and gradients (adapter tensors, x if it requires grad, bias if it trains) of the
+    layer's own Function and of autograd through ``reference_quantised_weight``."""
+    adapter, base = layer.adapters["default"], layer.base_layer
+    base.bias.requires_grad_(bias_trains)
+    tensors = dict(adapter.named_parameters())
+    if bias_trains:
+        tensors["bias"] = base.bias
+    if x.requires_grad:
+        tensors["x"] = x
+    results = []
+    for run in ("fast", "reference"):
+        for t in tensors.values():
+            t.grad = None
+        if run == "fast":
+            y = layer(x)
+        else:
+            w_hat = reference_quantised_weight(
+                base.weight, adapter.A, adapter.B, adapter.step, adapter.offset,
+                adapter.scale, adapter.bits, adapter.group_size,
+            )  # fmt: skip
+            y = x @ w_hat.T + base.bias
+        (y * grad).sum().backward()
+        results.append((y.detach(), {n: t.grad.clone() for n, t in tensors.items()}))
+    base.bias.requires_grad_(False)
+    return results
+
+
+@pytest.mark.parametrize("x_grad, bias_trains", [(True, False), (False, True)])
+def test_fast_layer_equals_the_equations_on_odd_shapes(x_grad, bias_trains):
+    """Forward and every gradient (A, B, s, beta, x; the bias when it trains) at 18 inputs in
+    3 groups of 6, 7 outputs, a (2, 5, 18) input, both LSQ branches; without x's gradient
+    (the first adapted layer) the backward skips W_hat and must still give the rest."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(18, 7))
+    core.inject(model, L4Q(bits=3, group_size=6, r=3, alpha=5, targets=["0"]))
+    randomise(model, std=0.2)
+    adapter = model[0].adapters["default"]
+    with torch.no_grad():  # push entries out of range on both sides
+        adapter.offset.add_(0.1 * torch.randn_like(adapter.offset))
+        adapter.step.mul_(0.6)
+    x = torch.randn(2, 5, 18, requires_grad=x_grad)
+    grad = torch.randn(2, 5, 7)
+    (y, ours), (want_y, want) = fast_and_reference_grads(model[0], x, grad, bias_trains)
+    torch.testing.assert_close(y, want_y)
+    assert set(ours) == set(want) == {"A", "B", "step", "offset"} | ({"x"} if x_grad else {"bias"})
+    for name in want:
+        torch.testing.assert_close(ours[name], want[name], atol=1e-5, rtol=1e-5, msg=name)
+        assert ours[name].abs().sum() > 0, name
+    v = adapter.quantized_weight(model[0].base_layer) - adapter.offset.repeat_interleave(6, 1)
+    codes = (v / adapter.step.repeat_interleave(6, 1)).round()
+    assert (codes == 0).any() and (codes == 7).any()  # both clamps were exercised
+
+
+def test_entries_exactly_at_a_bound_take_the_clamped_branch():
+    """Entries whose v is exactly 0 or 2^bits - 1 (as each group's minimum at the min-max
+    start; here A = 0 so W' = W0 bit for bit) take LSQ's clamped branch (its range is strict,
+    as clamp's gradient): no gradient to W', all of it to beta."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(10, 5, bias=True))
+    with torch.no_grad():  # steps and offsets that are powers of two: v hits 0 and 15 exactly
+        levels = torch.randint(0, 16, (5, 10)).float()
+        levels[:, 0], levels[:, 5] = 0.0, 15.0
+        model[0].weight.copy_(0.25 * levels - 1.0)
+    core.inject(model, L4Q(bits=4, group_size=5, r=2, alpha=2, targets=["0"]))
+    adapter = model[0].adapters["default"]
+    with torch.no_grad():
+        adapter.A.zero_()
+        adapter.B.normal_()
+        adapter.step.fill_(0.25)
+        adapter.offset.fill_(-1.0)
+    x = torch.randn(6, 10, requires_grad=True)
+    grad = torch.randn(6, 5)
+    (y, ours), (want_y, want) = fast_and_reference_grads(model[0], x, grad, False)
+    torch.testing.assert_close(y, want_y)
+    for name in ("A", "step", "offset", "x"):
+        torch.testing.assert_close(ours[name], want[name], atol=1e-5, rtol=1e-5, msg=name)
+    at_bound = (levels == 0) | (levels == 15)
+    assert (ours["A"][:, at_bound.all(0)] == 0).all()  # columns 0 and 5: clamped in every row
+    assert (ours["A"][:, ~at_bound.any(0)] != 0).all()
+    g = grad.T @ x.detach()  # dL/dW_hat; beta collects it exactly at the bounds
+    expected_offset = (g * at_bound).unflatten(1, (2, 5)).sum(-1)
+    torch.testing.assert_close(ours["offset"], expected_offset, atol=1e-5, rtol=1e-5)
