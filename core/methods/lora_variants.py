@@ -512,7 +512,10 @@ class MELoRA(AdapterConfig):
 
 class MELoRAAdapter(Adapter):
     """``y_i += (alpha/r) B_i A_i x_i`` on slice i of the input and output: A (n, r, d_in/n),
-    B (n, d_out/n, r), computed as two batched products (never the block-diagonal)."""
+    B (n, d_out/n, r). The block-diagonal update is the product of the block-diagonal factors,
+    diag(B_1..B_n) diag(A_1..A_n) (a LoRA of rank n r), so on a linear layer it takes the
+    wrapper's fused low-rank path like LoRA (never a dense d_out x d_in update); ``post``
+    runs it as two batched products over the slices where that path does not apply."""
 
     def __init__(self, base: nn.Module, cfg: MELoRA) -> None:
         super().__init__()
@@ -526,6 +529,14 @@ class MELoRAAdapter(Adapter):
             for mini in self.A:  # each mini LoRA as LoRA initialises its A
                 nn.init.kaiming_uniform_(mini, a=math.sqrt(5))
 
+    def block_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """diag(A_1, ..., A_n) (n r, d_in) and diag(B_1, ..., B_n) (d_out, n r)."""
+        return torch.block_diag(*self.A), torch.block_diag(*self.B)
+
+    def lowrank_factors(self):
+        a, b = self.block_factors()
+        return a, b, self.scale, self.dropout
+
     def post(self, x: torch.Tensor, y: torch.Tensor, base: nn.Module) -> torch.Tensor:
         h = self.dropout(x.to(self.A.dtype)).unflatten(-1, (self.n, -1))
         mid = torch.einsum("...ni,nri->...nr", h, self.A)
@@ -538,7 +549,8 @@ class MELoRAAdapter(Adapter):
 
     def as_lora(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         """The same update as one LoRA of rank n r with block-diagonal factors."""
-        return torch.block_diag(*self.A.detach()), torch.block_diag(*self.B.detach()), self.scale
+        a, b = self.block_factors()
+        return a.detach(), b.detach(), self.scale
 
     def merge(self, base: nn.Module) -> None:
         _set_base_weight(base, linear_weight(base).float() + self.delta_weight())

@@ -488,6 +488,113 @@ def test_capaboost_sums_masked_copies_of_one_pair(tmp_path):
         torch.testing.assert_close(pristine(x), model(x))
 
 
+# --- the fused low-rank path against each paper's formula ---------------------------------------
+
+
+def assert_fused_path_equals(model, adapters, plain, x_shape, monkeypatch):
+    """``model`` (a callable; its adapters must take the wrapper's fused path: their ``post`` may not
+    run) against ``plain(x, *tensors)``, the paper's formula written out with fresh copies of
+    the adapters' trainable tensors: output and gradients of each tensor and of x, fp32."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the fused low-rank path was not taken")
+
+    for adapter in adapters:
+        monkeypatch.setattr(type(adapter), "post", refuse)
+    trainable = list(dict.fromkeys(p for a in adapters for p in a.parameters()))
+    x = torch.randn(*x_shape, requires_grad=True)
+    y = model(x)
+    grad = torch.randn_like(y)
+    (y * grad).sum().backward()
+    copies = [p.detach().clone().requires_grad_() for p in trainable]
+    x_copy = x.detach().clone().requires_grad_()
+    want = plain(x_copy, *copies)
+    (want * grad).sum().backward()
+    torch.testing.assert_close(y, want)
+    torch.testing.assert_close(x.grad, x_copy.grad)
+    for p, copy_ in zip(trainable, copies, strict=True):
+        torch.testing.assert_close(p.grad, copy_.grad)
+        assert p.grad.abs().sum() > 0
+
+
+def frozen_linear(d_in, d_out):
+    return nn.Linear(d_in, d_out).requires_grad_(False)
+
+
+# Few rows keep the factored update; many rows fold B A into the weight (core.kernels.lora).
+ROWS = [(1, 3), (3, 7)]
+
+
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("training", [True, False])
+def test_dylora_fused_path_equals_its_truncated_formula(rows, training, monkeypatch):
+    torch.manual_seed(6)
+    model = nn.Sequential(frozen_linear(13, 11)).train(training)
+    core.inject(model, DyLoRA(r=5, r_min=2, alpha=7, targets=["0"]))
+    randomise(model)
+    adapter, base = model[0].adapters["default"], model[0].base_layer
+    set_dylora_rank(model, 4)
+
+    def plain(x, a, b):  # eq. 4: (alpha / b) B[:, :b] A[:b] x at the rank this forward used
+        rank = adapter.last_rank if training else 4
+        return base(x) + 7.0 / rank * x @ a[:rank].T @ b[:, :rank].T
+
+    assert_fused_path_equals(model, [adapter], plain, (*rows, 13), monkeypatch)
+
+
+@pytest.mark.parametrize("rows", ROWS)
+def test_melora_fused_path_equals_its_mini_lora_formula(rows, monkeypatch):
+    torch.manual_seed(7)
+    model = nn.Sequential(frozen_linear(15, 9))
+    core.inject(model, MELoRA(r=2, n=3, alpha=6, targets=["0"]))
+    randomise(model)
+    adapter, base = model[0].adapters["default"], model[0].base_layer
+
+    def plain(x, a, b):  # eq. 4: slice i of the output gets (alpha / r) B_i A_i x_i
+        slices = zip(x.split(5, -1), a, b, strict=True)
+        return base(x) + 3.0 * torch.cat([xi @ ai.T @ bi.T for xi, ai, bi in slices], -1)
+
+    assert_fused_path_equals(model, [adapter], plain, (*rows, 15), monkeypatch)
+
+
+@pytest.mark.parametrize("rows", ROWS)
+def test_sharelora_fused_path_equals_two_layers_with_one_shared_a(rows, monkeypatch):
+    torch.manual_seed(8)
+    model = nn.Sequential(
+        nn.ModuleDict({"proj": frozen_linear(13, 13)}),
+        nn.ModuleDict({"proj": frozen_linear(13, 13)}),
+    )
+    core.inject(model, ShareLoRA(r=3, alpha=6, share="A", targets=["proj"]))
+    randomise(model)
+    first, second = (model[i]["proj"].adapters["default"] for i in (0, 1))
+    assert first.A is second.A
+    base0, base1 = model[0]["proj"].base_layer, model[1]["proj"].base_layer
+
+    def run(x):
+        return model[1]["proj"](model[0]["proj"](x))
+
+    def plain(x, a, b0, b1):  # Delta W_l = B_l A with A shared, scale alpha / r
+        h = base0(x) + 2.0 * x @ a.T @ b0.T
+        return base1(h) + 2.0 * h @ a.T @ b1.T
+
+    assert_fused_path_equals(run, [first, second], plain, (*rows, 13), monkeypatch)
+
+
+@pytest.mark.parametrize("rows", ROWS)
+def test_capaboost_fused_path_equals_its_sum_of_masked_copies(rows, monkeypatch):
+    torch.manual_seed(9)
+    model = nn.Sequential(frozen_linear(13, 11))
+    core.inject(model, CapaBoost(r=3, alpha=6, copies=3, density=0.6, targets=["0"]))
+    randomise(model)
+    adapter, base = model[0].adapters["default"], model[0].base_layer
+    masks = list(zip(adapter.mask_A, adapter.mask_B, strict=True))
+
+    def plain(x, a, b):  # eq. 3: sum_i (B o M^B_i)(A o M^A_i), scale alpha / r
+        return base(x) + 2.0 * sum(x @ (a * ma).T @ (b * mb).T for ma, mb in masks)
+
+    assert_fused_path_equals(model, [adapter], plain, (*rows, 13), monkeypatch)
+
+
 # --- every method: meta device, checkpoints --------------------------------------------------
 
 EVERY = {
