@@ -1,9 +1,10 @@
 """Med-VQA with a multimodal LLM in the PeFoMed shape (He et al., 2024, "PeFoMed:
 Parameter Efficient Fine-tuning of Multimodal Large Language Models for Medical Imaging").
 
-A frozen ViT (timm; PeFoMed: EVA-ViT-g at 448 px) encodes the image; every 4 adjacent patch
-tokens are concatenated (MiniGPT-v2's token merge) and a trainable Linear projects them
-into the embedding space of a LLaMA-style decoder from transformers (Llama-2-7b-chat in
+A frozen ViT (timm, or an open_clip tower such as BiomedCLIP; PeFoMed: EVA-ViT-g at
+448 px) encodes the image; every 4 adjacent patch tokens are concatenated (MiniGPT-v2's
+token merge, ``medical.vqa_vision``) and a trainable Linear projects them into the
+embedding space of a LLaMA-style decoder from transformers (Llama-2-7b-chat in
 the paper) that LoRA (r=64, alpha=16, dropout 0.05 on q_proj and v_proj) adapts. Answers
 come from ``generate`` (KV cache, greedy or beam search). Two stages as in the paper:
 caption pre-alignment (``--data.dataset captions``), then VQA starting from the saved
@@ -31,6 +32,7 @@ from core.lightning import MethodArg, PeftModule
 
 from .metrics import vqa_scores
 from .vqa_data import VQADataModule
+from .vqa_vision import build_vision, merge_tokens
 
 IMAGE_SLOT = "<ImageHere>"
 TEMPLATES = {
@@ -43,22 +45,21 @@ TEMPLATES = {
 
 
 class MedVQAModel(nn.Module):
-    """Vision tower -> token merge -> projector -> LLaMA decoder."""
+    """Vision tower -> token merge -> projector -> LLaMA decoder.
+
+    ``vision`` maps images to patch tokens (B, N, width) and has a ``width`` attribute
+    (``medical.vqa_vision``: a timm ViT or an open_clip tower).
+    """
 
     def __init__(self, vision: nn.Module, llm: nn.Module, tokenizer: Any, merge: int = 4) -> None:
         super().__init__()
         self.vision, self.llm, self.tokenizer, self.merge = vision, llm, tokenizer, merge
-        width = vision.num_features * merge
+        width = vision.width * merge
         self.projector = nn.Linear(width, llm.get_input_embeddings().embedding_dim)
 
     def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """(B, N / merge, hidden): patch tokens, ``merge`` adjacent ones concatenated."""
-        tokens = self.vision.forward_features(images)
-        tokens = tokens[:, getattr(self.vision, "num_prefix_tokens", 1) :]
-        b, n, c = tokens.shape
-        if n % self.merge:
-            raise ConfigError(f"{n} patch tokens cannot be merged in groups of {self.merge}.")
-        return self.projector(tokens.reshape(b, n // self.merge, c * self.merge))
+        return self.projector(merge_tokens(self.vision(images), self.merge))
 
     def _embed(self, text: str, bos: bool) -> torch.Tensor:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -120,24 +121,6 @@ def _pad(rows, labels, left: bool):
     return embeds, mask, target
 
 
-def build_vision(
-    name: str, image_size: int, pretrained: bool, checkpoint: str | None, kwargs: dict
-) -> nn.Module:
-    """A timm ViT without head; weights from ``checkpoint``, the hub, or random."""
-    import timm
-
-    model = timm.create_model(
-        name,
-        pretrained=pretrained and checkpoint is None,
-        num_classes=0,
-        img_size=image_size,
-        **kwargs,
-    )
-    if checkpoint is not None:
-        timm.models.load_checkpoint(model, checkpoint, strict=False)
-    return model
-
-
 def load_llm(path: str, dtype: str | None = None) -> tuple[nn.Module, Any]:
     """LlamaForCausalLM (or any causal LM) and its tokenizer from a local folder or hub id."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -156,8 +139,11 @@ class MedVQAModule(PeftModule):
         method: the method config (LoRA r=64, alpha=16, dropout 0.05 on q_proj, v_proj).
         llm: local folder or hub id of the LLaMA-style decoder and its tokenizer.
         llm_dtype: torch dtype name for the LLM weights (e.g. "bfloat16"), or None.
-        vision: timm ViT name; vision_kwargs / vision_pretrained / vision_checkpoint as in
-            ``timm.create_model``.
+        vision: the frozen tower: a timm ViT name, or an open_clip vision tower as
+            ``open_clip:<arch>[:<tag>]``, ``open_clip:hf-hub:<org>/<repo>`` (BiomedCLIP) or
+            ``open_clip:local-dir:/folder``; vision_kwargs go to ``timm.create_model`` or
+            ``open_clip.create_model`` (e.g. a ``vision_cfg``), vision_checkpoint is a local
+            weights file, vision_pretrained false builds it random on purpose.
         image_size: input side (linked from the data module).
         merge: adjacent patch tokens concatenated before the projection (PeFoMed: 4).
         max_new_tokens, num_beams: generation settings.
