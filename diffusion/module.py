@@ -26,13 +26,16 @@ import torch.nn.functional as F
 
 from core.errors import ConfigError
 from core.lightning import MethodArg, PeftModule
+from core.optim import StiefelAdam, polar, stiefel_parameters
 from core.report import param_report
 
 from .models import Parts, load_parts, tie_embeddings
 from .sampling import denoise, make_scheduler, save_grid, to_images
 
 TUNINGS = ("peft", "full")
-ROTATION_KEYS = ("skew",)  # SODA's rotation factors (core.methods.spectral.SODAAdapter)
+# SODA's skew-parameterised rotation factors (core.methods.spectral.SODAAdapter); its
+# orthogonal="stiefel" factors declare themselves (core.optim.stiefel_parameters).
+ROTATION_KEYS = (".skew.",)
 
 
 class Trainable(nn.Module):
@@ -340,12 +343,18 @@ class DiffusionModule(PeftModule):
         return {n: p for n, p in self.named_parameters() if p.requires_grad}
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """EMA update. An average of orthogonal matrices is not orthogonal, so the EMA of
+        a Stiefel parameter (SODA's factors) is projected back (polar factor, the nearest
+        orthogonal matrix) after each update and stays a valid rotation."""
         if self.ema is None:
             return
         decay = self.hparams.ema_decay
+        stiefel = {id(p) for p in stiefel_parameters(self.model).values()}
         with torch.no_grad():
             for name, p in self.trainable_tensors().items():
-                self.ema[name].lerp_(p.detach(), 1.0 - decay)
+                avg = self.ema[name].lerp_(p.detach(), 1.0 - decay)
+                if id(p) in stiefel:
+                    avg.copy_(polar(avg.double()).to(avg.dtype))
 
     def swap_ema(self) -> None:
         """Exchange the live trainable tensors with their EMA (call twice to undo)."""
@@ -375,32 +384,46 @@ class DiffusionModule(PeftModule):
     # -- optimiser: SODA's two groups -----------------------------------------------------
 
     def configure_optimizers(self) -> Any:
-        """PeftModule's AdamW; with SODA, the rotation factors form their own group
-        (``rotation_lr``) beside the spectral shift, as the SODA recipe trains them."""
+        """PeftModule's AdamW, except with SODA: its rotation factors form their own group
+        (``rotation_lr``, no weight decay) beside the spectral shift. With
+        ``orthogonal="stiefel"`` the optimiser is ``core.optim.StiefelAdam``: momentum
+        Stiefel Adam on the factors, AdamW on everything else, as the SODA recipe trains
+        them (one optimiser, so one LR schedule drives both groups)."""
         out = super().configure_optimizers()
         optimizer = out["optimizer"] if isinstance(out, dict) else out
-        rotation = {id(p) for n, p in self.named_parameters() if any(k in n for k in ROTATION_KEYS)}
+        stiefel = {id(p) for p in stiefel_parameters(self.model).values()}
+        skew = {id(p) for n, p in self.named_parameters() if any(k in n for k in ROTATION_KEYS)}
+        rotation = stiefel | skew
         if not rotation:
             return out
-        lr = self.hparams.rotation_lr or self.hparams.lr
+        hp = self.hparams
+        rot_lr = hp.rotation_lr or hp.lr
         groups = []
         for group in optimizer.param_groups:
-            rot = [p for p in group["params"] if id(p) in rotation]
             rest = [p for p in group["params"] if id(p) not in rotation]
             if rest:
-                groups.append({**group, "params": rest, "name": "spectrum"})
-            if rot:
                 groups.append(
-                    {**group, "params": rot, "lr": lr, "initial_lr": lr, "name": "rotation"}
+                    {"params": rest, "weight_decay": group["weight_decay"], "lr": hp.lr}
+                    | {"initial_lr": hp.lr, "name": "spectrum", "stiefel": False}
                 )
-        optimizer.param_groups.clear()
-        for group in groups:
-            optimizer.param_groups.append(group)
-        if isinstance(out, dict):
-            sched = out["lr_scheduler"]["scheduler"]
-            sched.base_lrs = [g["lr"] for g in optimizer.param_groups]
-            sched.lr_lambdas = [sched.lr_lambdas[0]] * len(optimizer.param_groups)
-        return out
+        rot = [p for g in optimizer.param_groups for p in g["params"] if id(p) in rotation]
+        groups.append(
+            {"params": rot, "weight_decay": 0.0, "lr": rot_lr, "initial_lr": rot_lr}
+            | {"name": "rotation", "stiefel": bool(stiefel)}
+        )
+        if stiefel:
+            new = StiefelAdam(groups, lr=hp.lr, betas=tuple(hp.betas), stiefel=False)
+        else:
+            new = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
+        if not isinstance(out, dict):
+            return new
+        schedule = out["lr_scheduler"]["scheduler"].lr_lambdas[0]
+        scheduler = torch.optim.lr_scheduler.LambdaLR(new, schedule)
+        return {
+            **out,
+            "optimizer": new,
+            "lr_scheduler": {**out["lr_scheduler"], "scheduler": scheduler},
+        }
 
     # -- validation: a sample grid per epoch ----------------------------------------------
 

@@ -460,7 +460,7 @@ class SingularVectorAdapter(Adapter):
 # --- SODA -------------------------------------------------------------------------------------
 
 SODA_DECOMPOSITIONS = ("svd", "lq")
-ORTHOGONAL_MAPS = ("cayley", "exp")
+ORTHOGONAL_MAPS = ("cayley", "exp", "stiefel")
 
 
 def kronecker_sizes(n: int, factors: int) -> tuple[int, ...]:
@@ -524,27 +524,66 @@ class SODA(AdapterConfig):
     matrix, so R rotates the basis of the flattened receptive field. Delta s = 0 and R = I
     at the start, so the model starts as the frozen one.
 
-    The paper keeps each R_i on the Stiefel manifold with a Stiefel optimizer; here each
-    R_i is parameterised through a skew-symmetric A_i (Cayley or matrix exponential), which
-    keeps it exactly orthogonal under any optimizer. Trainable count per matrix:
-    min(d_out, d_in) + sum_i f_i (f_i - 1) / 2, where f_i are the factor sizes
-    (``kronecker_sizes(d_in, kron_factors)``, product d_in).
+    How each R_i stays orthogonal (``orthogonal``):
+
+    * "stiefel", as the paper: R_i is a plain f_i x f_i parameter initialised at the
+      identity and kept on the Stiefel manifold by the optimiser, ``core.optim.StiefelAdam``
+      (momentum Stiefel Adam, Kong et al., ICLR 2023), which the adapter declares its factors
+      to through ``stiefel_parameters()``; ``core.optim.stiefel_adam_for(model, ...)``
+      builds it with AdamW for the spectral shift. A plain optimiser would let R_i drift
+      off the manifold. Trainable count: min(d_out, d_in) + sum_i f_i^2.
+    * "cayley" / "exp": R_i = Cayley(A_i) or expm(A_i) of a skew-symmetric A_i, exactly
+      orthogonal under any optimiser. Count: min(d_out, d_in) + sum_i f_i (f_i - 1) / 2.
+
+    The factor sizes f_i (product d_in) come from ``factor_sizes`` when it lists a
+    factorisation of d_in, else ``kronecker_sizes(d_in, kron_factors)``.
 
     Args:
         decomposition: "svd" or "lq" (the paper's SODA-SVD and SODA-QR).
         kron_factors: number of Kronecker factors of R (sizes as equal as d_in allows).
-        orthogonal: "cayley" or "exp", how each factor is made orthogonal.
+        orthogonal: "stiefel", "cayley" or "exp", how each factor stays orthogonal.
+        factor_sizes: explicit factorisations to use for the in-features they multiply to,
+            e.g. SDXL's ``[[8, 8, 10], [6, 8, 16], [4, 16, 20], [4, 8, 64]]`` for 640, 768,
+            1280 and 2048 (at most one per product).
     """
 
     decomposition: str = "svd"
     kron_factors: int = 2
     orthogonal: str = "cayley"
+    factor_sizes: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choice(self, "decomposition", SODA_DECOMPOSITIONS)
         check_int(self, "kron_factors")
         check_choice(self, "orthogonal", ORTHOGONAL_MAPS)
+        object.__setattr__(self, "factor_sizes", self._checked_factor_sizes())
+
+    def _checked_factor_sizes(self) -> tuple[tuple[int, ...], ...]:
+        sizes, products = [], set()
+        for entry in self.factor_sizes or ():
+            ok = isinstance(entry, list | tuple) and entry
+            ok = ok and all(isinstance(f, int) and not isinstance(f, bool) for f in entry)
+            if not ok or min(entry) < 1:
+                raise ConfigError(
+                    f"SODA.factor_sizes entries must be lists of positive ints such as "
+                    f"[8, 8, 10], got {entry!r}."
+                )
+            product = math.prod(entry)
+            if product in products:
+                raise ConfigError(
+                    f"SODA.factor_sizes lists two factorisations of {product}; keep one."
+                )
+            products.add(product)
+            sizes.append(tuple(entry))
+        return tuple(sizes)
+
+    def sizes_for(self, d_in: int) -> tuple[int, ...]:
+        """The Kronecker factor sizes of R for ``d_in`` in-features (identities dropped)."""
+        for entry in self.factor_sizes:
+            if math.prod(entry) == d_in:
+                return tuple(f for f in entry if f > 1)
+        return kronecker_sizes(d_in, self.kron_factors)
 
     def unsupported_reason(self, module: nn.Module) -> str | None:
         if is_linear_like(module):
@@ -559,7 +598,7 @@ class SODA(AdapterConfig):
         return SODAAdapter(
             module,
             decomposition=self.decomposition,
-            kron_factors=self.kron_factors,
+            sizes=self.sizes_for(matrix_shape(module)[1]),
             orthogonal=self.orthogonal,
         )
 
@@ -569,17 +608,22 @@ class SODAAdapter(Adapter):
 
     replaces_base = True
 
-    def __init__(self, base: nn.Module, *, decomposition: str, kron_factors: int, orthogonal: str):
+    def __init__(
+        self, base: nn.Module, *, decomposition: str, sizes: tuple[int, ...], orthogonal: str
+    ):
         super().__init__()
         d_out, d_in = self.shape = matrix_shape(base)
         self.rank = min(d_out, d_in)
         self.decomposition, self.orthogonal = decomposition, orthogonal
-        self.sizes = kronecker_sizes(d_in, kron_factors)
+        self.sizes = tuple(sizes)
         opts = {"device": base.weight.device, "dtype": weight_dtype(base)}
         self.shift = nn.Parameter(torch.zeros(self.rank, **opts))
-        self.skew = nn.ParameterList(
-            nn.Parameter(torch.zeros(f * (f - 1) // 2, **opts)) for f in self.sizes
-        )
+        if orthogonal == "stiefel":  # the factors themselves, kept orthogonal by StiefelAdam
+            self.factors = nn.ParameterList(nn.Parameter(torch.eye(f, **opts)) for f in self.sizes)
+        else:
+            self.skew = nn.ParameterList(
+                nn.Parameter(torch.zeros(f * (f - 1) // 2, **opts)) for f in self.sizes
+            )
         self.register_buffer("U", None, persistent=False)  # svd only; set in on_attach
         self.register_buffer("basis", None, persistent=False)  # V^T or Q: (rank, d_in)
 
@@ -608,7 +652,13 @@ class SODAAdapter(Adapter):
             return self.U @ shifted
         return F.pad(shifted, (0, 0, 0, self.shape[0] - self.rank))
 
+    def stiefel_parameters(self) -> list[nn.Parameter]:
+        """Parameters an optimiser must keep orthogonal (``core.optim.stiefel_parameters``)."""
+        return list(self.factors) if self.orthogonal == "stiefel" else []
+
     def rotation_factors(self) -> list[torch.Tensor]:
+        if self.orthogonal == "stiefel":
+            return list(self.factors)
         return [
             orthogonal_factor(v, f, self.orthogonal)
             for v, f in zip(self.skew, self.sizes, strict=True)

@@ -9,10 +9,11 @@ import torch.nn as nn
 from transformers.pytorch_utils import Conv1D
 
 import core
+import core.optim
 from conftest import adapters_of, make_llama, randomise
 from core.errors import CheckpointError, ConfigError, TargetError
 from core.inject import adapter_config, trainable_parameters
-from core.methods.spectral import SODA, SVFT, FourierFT, SVFit
+from core.methods.spectral import SODA, SVFT, FourierFT, SVFit, kronecker_sizes
 
 LINEAR_TARGETS = ["tall", "square", "wide", "gpt"]
 ALL_TARGETS = LINEAR_TARGETS + ["conv", "pointwise", "grouped"]
@@ -202,6 +203,46 @@ def test_soda_counts_spectrum_plus_skew_factors(factors, sizes):
         adapter = adapters_of(model)[name]
         assert adapter.sizes == fs and torch.tensor(fs).prod() == SHAPES[name][1]
         assert counts[name] == min(SHAPES[name]) + sum(f * (f - 1) // 2 for f in fs)
+
+
+def stiefel_soda_bank(**kwargs):
+    model = Bank().eval()
+    core.inject(model, SODA(orthogonal="stiefel", targets=ALL_TARGETS, **kwargs))
+    return model
+
+
+def test_soda_stiefel_factors_are_identity_matrices_sized_by_factor_sizes():
+    model = Bank().eval()
+    batch = make_batch()
+    frozen = model(batch)
+    core.inject(model, SODA(orthogonal="stiefel", factor_sizes=[[2, 2, 4]], targets=ALL_TARGETS))
+    assert_outputs_close(model(batch), frozen, atol=1e-6)  # R = I at the start
+    counts = per_module_counts(model)
+    for name, adapter in adapters_of(model).items():
+        d_out, d_in = SHAPES[name]
+        expected = (2, 2, 4) if d_in == 16 else kronecker_sizes(d_in, 2)
+        assert adapter.sizes == expected, name
+        assert adapter.stiefel_parameters() == list(adapter.factors)
+        assert all(torch.equal(f, torch.eye(len(f))) for f in adapter.factors)
+        assert counts[name] == min(d_out, d_in) + sum(f * f for f in expected), name
+
+
+def test_soda_stiefel_merge_equals_forward_and_unmerge_restores_weights():
+    model = stiefel_soda_bank()
+    randomise(model, std=0.1)
+    with torch.no_grad():  # the factors on the manifold, as StiefelAdam keeps them
+        for name, p in model.named_parameters():
+            if ".factors." in name:
+                p.copy_(core.optim.polar(p))
+    weights = {k: v.clone() for k, v in model.state_dict().items() if "base_layer" in k}
+    batch = make_batch()
+    adapted = model(batch)
+    core.merge(model)
+    assert_outputs_close(model(batch), adapted)
+    core.unmerge(model)
+    for key, value in model.state_dict().items():
+        if key in weights:
+            torch.testing.assert_close(value, weights[key], atol=1e-5, rtol=0, msg=key)
 
 
 # --- each method follows its paper's equation -------------------------------------------------
@@ -510,6 +551,8 @@ def test_meta_device_injection_counts_like_real_weights(case):
         (lambda: SODA(decomposition="eig", targets=["x"]), "decomposition must be one of"),
         (lambda: SODA(kron_factors=0, targets=["x"]), "kron_factors must be >= 1"),
         (lambda: SODA(orthogonal="householder", targets=["x"]), "orthogonal must be one of"),
+        (lambda: SODA(factor_sizes=[[0, 4]], targets=["x"]), "lists of positive ints"),
+        (lambda: SODA(factor_sizes=[[2, 8], [4, 4]], targets=["x"]), "two factorisations of 16"),
     ],
 )
 def test_bad_configs_are_refused_with_clear_messages(make, message):

@@ -13,6 +13,7 @@ import yaml
 
 import core
 from core.methods.style import StyleInject  # noqa: F401  (registers styleinject)
+from core.optim import StiefelAdam
 from diffusion import export
 from diffusion.demo import base_bytes, fixed_loss, write_shapes
 from diffusion.models import write_tiny_pipeline
@@ -71,11 +72,15 @@ def train_steps(module: DiffusionModule, batch: dict, steps: int = 6) -> None:
         LORA,
         {"class_path": "core.SODA", "init_args": {"targets": r".*attn[12]\.(to_q|to_v)$"}},
         {
+            "class_path": "core.SODA",
+            "init_args": {"targets": r".*attn[12]\.(to_q|to_v)$", "orthogonal": "stiefel"},
+        },
+        {
             "class_path": "core.methods.style.StyleInject",
             "init_args": {"r": 2, "num_styles": 2, "targets": ATTN},
         },
     ],
-    ids=["lora", "soda", "styleinject"],
+    ids=["lora", "soda", "soda_stiefel", "styleinject"],
 )
 def test_training_changes_only_adapter_and_lowers_loss(tiny, method):
     module = DiffusionModule(
@@ -124,10 +129,11 @@ def test_difffit_on_dit_trains_scales_biases_and_class_table(tiny):
     assert all(torch.equal(now[k], v) for k, v in frozen.items())
 
 
-def test_soda_rotation_stays_orthogonal_in_its_own_group(tiny):
+@pytest.mark.parametrize("orthogonal", ["stiefel", "cayley"])
+def test_soda_rotation_stays_orthogonal_in_its_own_group(tiny, orthogonal):
     method = {
         "class_path": "core.SODA",
-        "init_args": {"targets": r".*attn1\.to_q$", "kron_factors": 2},
+        "init_args": {"targets": r".*attn1\.to_q$", "kron_factors": 2, "orthogonal": orthogonal},
     }
     module = DiffusionModule(
         method=method,
@@ -140,11 +146,42 @@ def test_soda_rotation_stays_orthogonal_in_its_own_group(tiny):
     optimizer = module.configure_optimizers()
     names = {g["name"]: g["lr"] for g in optimizer.param_groups}
     assert names == {"spectrum": 5e-2, "rotation": 1e-1}
+    stiefel = orthogonal == "stiefel"
+    assert isinstance(optimizer, StiefelAdam) == stiefel
+    rotation = next(g for g in optimizer.param_groups if g["name"] == "rotation")
+    assert rotation["stiefel"] == stiefel
+    assert {id(p) for p in rotation["params"]} == {
+        id(p) for n, p in module.named_parameters() if (".factors." if stiefel else ".skew.") in n
+    }
     train_steps(module, sd_batch(), steps=4)
     for _, wrapper in core.targeting.adapted_modules(module.model):
-        rot = wrapper.adapters["default"].rotation()
+        adapter = wrapper.adapters["default"]
+        rot = adapter.rotation().detach()
         assert not torch.allclose(rot, torch.eye(rot.shape[0]), atol=1e-3)  # it did rotate
-        assert torch.allclose(rot @ rot.T, torch.eye(rot.shape[0]), atol=1e-5)
+        for factor in adapter.rotation_factors():
+            gram = factor.detach().double().T @ factor.detach().double()
+            assert torch.linalg.matrix_norm(gram - torch.eye(len(gram))) < 1e-5
+
+
+def test_soda_stiefel_ema_stays_orthogonal(tiny):
+    method = {
+        "class_path": "core.SODA",
+        "init_args": {"targets": r".*attn1\.to_q$", "orthogonal": "stiefel"},
+    }
+    module = DiffusionModule(method=method, pretrained=str(tiny["sd"]), ema_decay=0.5)
+    module.ema = {k: v.detach().clone() for k, v in module.trainable_tensors().items()}
+    name = next(k for k in module.ema if ".factors." in k)
+    factor = module.get_parameter(name)
+    with torch.no_grad():  # a random rotation: the plain average of I and it is not one
+        a = torch.randn(factor.shape, generator=torch.Generator().manual_seed(0))
+        rotation = torch.linalg.matrix_exp(a - a.T)
+        factor.copy_(rotation)
+        plain = (torch.eye(len(rotation)) + rotation) / 2
+    assert torch.linalg.matrix_norm(plain.T @ plain - torch.eye(len(plain))) > 0.1
+    module.on_train_batch_end(None, None, 0)
+    ema = module.ema[name].double()
+    assert torch.linalg.matrix_norm(ema.T @ ema - torch.eye(len(ema))) < 1e-5
+    assert not torch.allclose(ema, torch.eye(len(ema)).double(), atol=1e-2)  # it moved
 
 
 def test_difffit_dit_xl2_count_matches_formula():
