@@ -415,6 +415,54 @@ def test_mpoe_uses_switch_top1_routing():
     )
 
 
+@pytest.mark.parametrize("top_k, tensors", [(1, 5), (2, 3)])
+def test_mpoe_fast_path_equals_the_plain_mpo_formula_with_gradients(top_k, tensors):
+    """The grouped per-expert GEMMs and the two-GEMM contraction give the paper's
+    y = W x + b + sum_e g_e (MPO(T_e) - W_0) x, output and every gradient, odd shapes."""
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(36, 30))  # out (1,2,...), in: odd factors
+    cfg = MPOE(targets=["0"], num_experts=3, num_tensors=tensors, top_k=top_k)
+    model = core.inject(base, cfg)
+    wrapper = model[0]
+    adapter = wrapper.adapters["default"]
+    perturb(model, std=0.1)
+    adapter.train()
+    x = torch.randn(2, 7, 36, requires_grad=True)
+    y = model(x)
+    grad_out = torch.randn_like(y)
+    trained = [x, *adapter.parameters()]
+    fast = torch.autograd.grad(y, trained, grad_out)
+
+    flat = x.reshape(-1, 36)
+    gates = adapter.gates(flat)
+    assert ((gates > 0).sum(-1) == top_k).all()
+    deltas = mpo_contract(adapter.tensors()) - adapter.initial  # (E, out, in)
+    layer = wrapper.base_layer
+    plain = F.linear(x, layer.weight, layer.bias) + torch.einsum(
+        "te,eoi,ti->to", gates, deltas, flat
+    ).reshape(2, 7, 30)
+    torch.testing.assert_close(y, plain, atol=1e-5, rtol=1e-5)
+    for got, want in zip(fast, torch.autograd.grad(plain, trained, grad_out), strict=True):
+        assert want.abs().max() > 0
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_permute_copy_moves_wide_rows_bit_for_bit():
+    from core.methods.mixtures import BlockPermute, permute_copy
+
+    t = torch.randn(3, 5, 2, 4)
+    dims = (2, 0, 1, 3)
+    assert torch.equal(permute_copy(t, dims), t.permute(dims).contiguous())
+    odd = torch.randn(3, 5, 3)  # 12-byte rows: no wide type, the plain copy
+    assert torch.equal(permute_copy(odd, (1, 0, 2)), odd.permute(1, 0, 2).contiguous())
+    moved = (1, 2, 0, 3)  # last axis moves: the plain copy
+    assert torch.equal(permute_copy(t, moved), t.permute(moved).contiguous())
+    t.requires_grad_(True)
+    g = torch.randn(2, 3, 5, 4)
+    (grad,) = torch.autograd.grad(BlockPermute.apply(t, dims), t, g)
+    assert torch.equal(grad, g.permute(1, 2, 0, 3))
+
+
 # --- counting on the meta device, save / load -----------------------------------------------
 
 
