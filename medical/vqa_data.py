@@ -8,7 +8,8 @@
   English questions kept by default (``q_lang``).
 * PathVQA (He et al., 2020): ``images/{train,val,test}/`` and ``qas/{split}/{split}_qa.pkl``.
   The pickles are read with an unpickler that refuses every class (plain lists, dicts and
-  strings only); ``python -m medical.vqa_data convert-pathvqa ROOT`` writes JSON beside them.
+  strings only, ``medical.pathvqa_pickle``); ``python -m medical.pathvqa_pickle --root ROOT``
+  converts them once to JSON beside them, which is then read instead.
 * captions: ``captions.json`` ([{"image", "caption"}], e.g. ROCO) for PeFoMed's stage-1
   caption pre-alignment.
 
@@ -18,9 +19,7 @@ An item is ``{"image", "question", "answer", "answer_type", "task", "index"}``.
 from __future__ import annotations
 
 import json
-import pickle
 import random
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from .data import DatasetError
+from .pathvqa_pickle import read_plain_pickle
 
 VQA_DATASETS = ("vqa-rad", "slake", "path-vqa", "captions")
 VQA_RAD_JSON = "VQA_RAD Dataset Public.json"
@@ -138,29 +138,19 @@ def read_slake(root: Path, language: str = "en") -> dict[str, list[QA]]:
 # --- PathVQA -----------------------------------------------------------------------------
 
 
-class PlainUnpickler(pickle.Unpickler):
-    """Unpickles lists, dicts, tuples, strings and numbers only: every class is refused,
-    so a tampered file cannot run code."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        raise DatasetError(
-            f"the pickle asks for {module}.{name}; only plain containers and strings are "
-            "accepted. Convert the file with: python -m medical.vqa_data convert-pathvqa ROOT"
-        )
-
-
-def read_plain_pickle(path: Path) -> Any:
-    with path.open("rb") as handle:
-        return PlainUnpickler(handle).load()
-
-
 def pathvqa_questions(root: Path, split: str) -> list[dict]:
     """``qas/{split}/{split}_qa.json`` if converted, else the pickle, restricted."""
     folder = root / "qas" / split
     for name in (f"{split}_qa.json", f"{split}_qa.pkl"):
         path = folder / name
         if path.is_file():
-            return _load_json(path) if path.suffix == ".json" else read_plain_pickle(path)
+            entries = _load_json(path) if path.suffix == ".json" else read_plain_pickle(path)
+            if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+                raise DatasetError(
+                    f"{path}: expected a list of question dicts (image, question, answer), "
+                    f"got {type(entries).__name__}."
+                )
+            return entries
     raise DatasetError(f"no {split}_qa.json or {split}_qa.pkl in {folder} (PathVQA layout).")
 
 
@@ -184,16 +174,6 @@ def read_pathvqa(root: Path) -> dict[str, list[QA]]:
             )
         splits[split] = items
     return splits
-
-
-def convert_pathvqa(root: str | Path) -> list[Path]:
-    """Write ``{split}_qa.json`` beside every ``{split}_qa.pkl`` (restricted unpickling)."""
-    written = []
-    for path in sorted(Path(root).rglob("*_qa.pkl")):
-        target = path.with_suffix(".json")
-        target.write_text(json.dumps(read_plain_pickle(path)))
-        written.append(target)
-    return written
 
 
 # --- captions (stage 1) ------------------------------------------------------------------
@@ -341,15 +321,3 @@ class VQADataModule(lightning.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", False)
-
-
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 2 or argv[0] != "convert-pathvqa":
-        raise SystemExit("usage: python -m medical.vqa_data convert-pathvqa ROOT")
-    for path in convert_pathvqa(argv[1]):
-        print(f"wrote {path}")
-
-
-if __name__ == "__main__":
-    main()

@@ -7,12 +7,12 @@ Images show a bright disc on the left or right under noise; questions ask about 
 from __future__ import annotations
 
 import json
-import pickle
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from .pathvqa_pickle import write_plain_pickle
 from .vqa_data import VQA_RAD_IMAGES, VQA_RAD_JSON
 
 ORGANS = ("lung", "liver", "brain", "kidney")
@@ -130,8 +130,7 @@ def write_pathvqa(root: str | Path, images: int = 6, size: int = 32, seed: int =
                 {"image": f"{split}_{k:04d}", "question": q, "answer": a}
                 for q, a, _ in _questions(k, side)
             ]
-        with (base / "qas" / split / f"{split}_qa.pkl").open("wb") as handle:
-            pickle.dump(entries, handle)
+        write_plain_pickle(entries, base / "qas" / split / f"{split}_qa.pkl")
     return Path(root)
 
 

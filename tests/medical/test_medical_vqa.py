@@ -5,8 +5,6 @@ metrics, adapter-only checkpoints and the two-stage continuation."""
 from __future__ import annotations
 
 import json
-import pickle
-from collections import OrderedDict
 from pathlib import Path
 
 import pytest
@@ -18,9 +16,7 @@ from medical.data import DatasetError
 from medical.vqa import TEMPLATES, VQACLI, write_tiny_llama
 from medical.vqa_data import (
     VQADataModule,
-    convert_pathvqa,
     read_pathvqa,
-    read_plain_pickle,
     read_slake,
     read_vqa_rad,
 )
@@ -68,16 +64,13 @@ def test_slake_keeps_english_by_default(tmp_path):
     assert item.image.is_file() and item.image.parent.name == "xmlabtrain0"
 
 
-def test_pathvqa_restricted_pickle_and_conversion(tmp_path):
+def test_pathvqa_reads_the_question_pickles(tmp_path):
     root = write_pathvqa(tmp_path, images=2)
     splits = read_pathvqa(root)
-    assert len(splits["train"]) == 8 and splits["test"][0].image.is_file()
-    written = convert_pathvqa(root)
-    assert len(written) == 3 and json.loads(written[0].read_text())[0]["answer"] in ("yes", "no")
-    evil = tmp_path / "evil.pkl"
-    evil.write_bytes(pickle.dumps(OrderedDict(a=1)))
-    with pytest.raises(DatasetError, match="collections.OrderedDict"):
-        read_plain_pickle(evil)
+    assert {k: len(v) for k, v in splits.items()} == {"train": 8, "val": 8, "test": 8}
+    item = splits["test"][0]
+    assert item.image.is_file() and item.image.parent.name == "test"
+    assert item.answer in ("yes", "no") and item.answer_type == "CLOSED"
 
 
 @pytest.fixture(scope="module")
