@@ -7,7 +7,11 @@ Written (from core's LoRA / LoCon adapters on ``unet.*`` and ``text_encoder*.*``
   in ``pytorch_lora_weights.safetensors``;
 * kohya keys (sd-scripts, A1111, ComfyUI): ``lora_unet_<module_with_underscores>.lora_down.weight``
   / ``.lora_up.weight`` / ``.alpha`` (``lora_te_`` for the text encoder, ``lora_te1_`` /
-  ``lora_te2_`` for SDXL's two).
+  ``lora_te2_`` for SDXL's two);
+* from core's LoHa / LoKr adapters, LyCORIS keys in that kohya naming: ``<name>.hada_w1_a``
+  ... ``.alpha`` (scale = alpha / r) and ``<name>.lokr_w1`` / ``.lokr_w2_a`` ... (a LoKr
+  with no rank-decomposed side carries no alpha, LyCORIS' scale 1, so its scale is folded
+  into ``lokr_w1``).
 
 Read back: both, and LyCORIS LoHa (``hada_w1_a`` ...) and LoKr (``lokr_w1`` ...) keys in
 kohya naming, into core's LoRA / LoHa / LoKr adapters. ``merge_and_save`` merges a
@@ -27,7 +31,7 @@ import torch.nn as nn
 
 import core
 from core.errors import CheckpointError
-from core.methods.kronecker import LoHa, LoKr
+from core.methods.kronecker import LoHa, LoHaAdapter, LoKr, LoKrAdapter
 from core.methods.lora import LoRA, LoRAAdapter
 from core.targeting import adapted_modules
 
@@ -35,6 +39,7 @@ DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 FORMATS = ("diffusers", "kohya")
 KOHYA_PREFIX = {"unet": "lora_unet", "text_encoder": "lora_te", "text_encoder_2": "lora_te2"}
 LYCORIS = {"hada_": "loha", "lokr_": "lokr"}
+LYCORIS_PREFIX = ((LoHaAdapter, "hada_"), (LoKrAdapter, "lokr_"))
 
 
 def lora_adapters(model: nn.Module, name: str = "default") -> dict[str, LoRAAdapter]:
@@ -66,9 +71,12 @@ def kohya_name(path: str, sdxl: bool = False) -> str:
 def lora_state_dict(
     model: nn.Module, fmt: str = "diffusers", name: str = "default", sdxl: bool = False
 ) -> dict[str, torch.Tensor]:
-    """The adapter's tensors under ``fmt``'s keys (see the module docstring)."""
+    """The adapter's tensors under ``fmt``'s keys (see the module docstring): LoRA / LoCon in
+    either format, LoHa / LoKr in kohya naming only (LyCORIS keys)."""
     if fmt not in FORMATS:
         raise CheckpointError(f"format must be one of {FORMATS}, got {fmt!r}.")
+    if fmt == "kohya" and lycoris_adapters(model, name):
+        return lycoris_state_dict(model, name, sdxl)
     out = {}
     for path, ad in lora_adapters(model, name).items():
         a, b = ad.A.detach().float().cpu(), ad.B.detach().float().cpu()
@@ -82,6 +90,37 @@ def lora_state_dict(
             out[f"{key}.lora_down.weight"] = a.contiguous()
             out[f"{key}.lora_up.weight"] = b.contiguous()
             out[f"{key}.alpha"] = torch.tensor(ad.scale * ad.r)
+    return out
+
+
+def lycoris_adapters(model: nn.Module, name: str = "default") -> dict[str, nn.Module]:
+    """The LoHa / LoKr adapters called ``name`` in ``model``, by module path."""
+    kinds = tuple(cls for cls, _ in LYCORIS_PREFIX)
+    return {
+        path: w.adapters[name]
+        for path, w in adapted_modules(model)
+        if name in w.adapters and isinstance(w.adapters[name], kinds)
+    }
+
+
+def lycoris_state_dict(
+    model: nn.Module, name: str = "default", sdxl: bool = False
+) -> dict[str, torch.Tensor]:
+    """LoHa / LoKr adapters under LyCORIS' keys (``hada_*`` / ``lokr_*`` + ``alpha``), the
+    layout ``load_lora`` reads back."""
+    out = {}
+    for path, ad in lycoris_adapters(model, name).items():
+        prefix = next(p for cls, p in LYCORIS_PREFIX if isinstance(ad, cls))
+        key = kohya_name(path, sdxl)
+        tensors = {k: v.detach().float().cpu() for k, v in ad.named_parameters()}
+        full_factors = prefix == "lokr_" and not any(k.endswith(("_a", "_b")) for k in tensors)
+        if full_factors:  # LyCORIS reads such a LoKr with scale 1
+            tensors["w1"] = tensors["w1"] * ad.scale
+        else:
+            out[f"{key}.alpha"] = torch.tensor(float(ad.scale * ad.r))
+        out.update({f"{key}.{prefix}{k}": v.contiguous() for k, v in tensors.items()})
+    if not out:
+        raise CheckpointError(f"no LoHa / LoKr adapter named {name!r} in the model.")
     return out
 
 
@@ -262,6 +301,7 @@ __all__ = [
     "kohya_name",
     "load_lora",
     "lora_state_dict",
+    "lycoris_state_dict",
     "merge_and_save",
     "save_lora",
     "split_keys",

@@ -428,6 +428,39 @@ def test_lycoris_loha_and_lokr_import(tiny, tmp_path):
         assert torch.allclose(wrapper(x) - wrapper.base_layer(x), x @ expected.T, atol=1e-4)
 
 
+@pytest.mark.parametrize(
+    "method",
+    [
+        {"class_path": "core.LoHa", "init_args": {"r": 2, "alpha": 4, "targets": ATTN}},
+        {"class_path": "core.LoKr", "init_args": {"r": 2, "alpha": 4, "targets": ATTN}},
+        {"class_path": "core.LoKr", "init_args": {"r": 16, "alpha": 4, "targets": ATTN}},
+    ],
+    ids=["loha", "lokr", "lokr_full_factors"],
+)
+def test_lycoris_export_reimports_with_equal_outputs(tiny, method):
+    import safetensors.torch
+
+    module = DiffusionModule(method=method, pretrained=str(tiny["sd"]))
+    with torch.no_grad():
+        for p in module.model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(p.numel()))
+    x, t, h = torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.randn(1, 16, 32)
+    ours = module.model.unet(x, t, encoder_hidden_states=h).sample
+    base = DiffusionModule(tuning="full", pretrained=str(tiny["sd"]))
+    assert (ours - base.model.unet(x, t, encoder_hidden_states=h).sample).abs().max() > 1e-3
+    file = export.save_lora(module.model, tiny["root"] / "lyco_out.safetensors", "kohya")
+    keys = safetensors.torch.load_file(str(file))
+    prefix = "hada_" if "LoHa" in method["class_path"] else "lokr_"
+    q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    assert f"{q}.{prefix}w1_a" in keys or f"{q}.{prefix}w1" in keys
+    assert (f"{q}.alpha" in keys) == (method["init_args"]["r"] == 2)  # full LoKr: scale 1
+    names = export.load_lora(base.model, file)
+    assert names == ["default"]
+    theirs = base.model.unet(x, t, encoder_hidden_states=h).sample
+    assert torch.allclose(theirs, ours, atol=1e-5)
+
+
 def test_evaluate_table(tiny):
     from diffusion.evaluate import evaluate, format_table
 
