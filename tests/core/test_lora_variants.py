@@ -595,6 +595,27 @@ def test_capaboost_fused_path_equals_its_sum_of_masked_copies(rows, monkeypatch)
     assert_fused_path_equals(model, [adapter], plain, (*rows, 13), monkeypatch)
 
 
+def test_lora_shaped_variants_mix_in_one_batch_through_their_low_rank_factors():
+    """MELoRA, DyLoRA and CapaBoost give ``lowrank_factors``, so a mixed batch routes them
+    through the SGMV path: each sample equals itself run alone with its adapter."""
+    model = make_vit()
+    core.inject(model, MELoRA(r=2, n=4, targets=["qkv", "fc1"]), name="melora")
+    core.inject(model, DyLoRA(r=4, targets=["qkv", "fc1"]), name="dylora")
+    core.inject(model, CapaBoost(r=2, targets=["qkv", "fc1"]), name="capaboost")
+    randomise(model)
+    model.eval()
+    x = vit_input(5)
+    names = ["melora", None, "capaboost", "dylora", "melora"]
+    with torch.no_grad():
+        with core.batch_adapters(model, names):
+            mixed = model(x)
+        alone = []
+        for i, name in enumerate(names):
+            core.set_active(model, [] if name is None else [name])
+            alone.append(model(x[i : i + 1]))
+    torch.testing.assert_close(mixed, torch.cat(alone), atol=1e-5, rtol=1e-5)
+
+
 # --- every method: meta device, checkpoints --------------------------------------------------
 
 EVERY = {
