@@ -12,8 +12,9 @@ quantised weight and no separate adapter:
 s (step) and beta (offset) are learned per output row and input group, started from the
 group's min-max range of W0; round passes gradients straight through strictly inside the
 range, 0 < (W' - beta) / s < 2^bits - 1 (LSQ's gradients for s and beta; an entry exactly at
-a bound, e.g. each group's minimum at the start, takes the clamped branch). A custom backward recomputes W_hat instead of keeping the
-(d_out x d_in) intermediates of autograd, which is the paper's memory-optimised layer.
+a bound, e.g. each group's minimum at the start, takes the clamped branch). A custom
+backward recomputes W_hat instead of keeping the (d_out x d_in) intermediates of autograd,
+which is the paper's memory-optimised layer.
 
 Not the identity at start: the model starts as the quantised W0 (B = 0), as in the paper.
 ``core.merge`` writes W_hat into the base weight (merging *is* quantising) and unmerge
