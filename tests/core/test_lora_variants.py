@@ -492,9 +492,10 @@ def test_capaboost_sums_masked_copies_of_one_pair(tmp_path):
 
 
 def assert_fused_path_equals(model, adapters, plain, x_shape, monkeypatch):
-    """``model`` (a callable; its adapters must take the wrapper's fused path: their ``post`` may not
-    run) against ``plain(x, *tensors)``, the paper's formula written out with fresh copies of
-    the adapters' trainable tensors: output and gradients of each tensor and of x, fp32."""
+    """``model`` (a callable whose ``adapters`` must take the wrapper's fused path: their
+    ``post`` may not run) against ``plain(x, *tensors)``, the paper's formula written out with
+    fresh copies of the adapters' trainable tensors: output and gradients of each tensor and
+    of x, fp32."""
 
     def refuse(*args, **kwargs):
         raise AssertionError("the fused low-rank path was not taken")
