@@ -545,12 +545,19 @@ class SODA(AdapterConfig):
         factor_sizes: explicit factorisations to use for the in-features they multiply to,
             e.g. SDXL's ``[[8, 8, 10], [6, 8, 16], [4, 16, 20], [4, 8, 64]]`` for 640, 768,
             1280 and 2048 (at most one per product).
+        spectrum_relu: the authors' SDXL code's W = U diag(relu(s + Delta s)) V^T: the
+            shifted spectrum s (singular values, or diag(L) with "lq") is clipped at 0, so
+            training cannot flip a direction's sign. Off: W = U diag(s + Delta s) V^T.
+        shift_init: the initial Delta s (the authors' code: 1e-3; 0 starts as the frozen
+            model).
     """
 
     decomposition: str = "svd"
     kron_factors: int = 2
     orthogonal: str = "cayley"
     factor_sizes: tuple[tuple[int, ...], ...] = ()
+    spectrum_relu: bool = False
+    shift_init: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -558,6 +565,11 @@ class SODA(AdapterConfig):
         check_int(self, "kron_factors")
         check_choice(self, "orthogonal", ORTHOGONAL_MAPS)
         object.__setattr__(self, "factor_sizes", self._checked_factor_sizes())
+        check_float(self, "shift_init")
+        if not isinstance(self.spectrum_relu, bool):
+            raise ConfigError(
+                f"SODA.spectrum_relu must be True or False, got {self.spectrum_relu!r}."
+            )
 
     def _checked_factor_sizes(self) -> tuple[tuple[int, ...], ...]:
         sizes, products = [], set()
@@ -600,6 +612,8 @@ class SODA(AdapterConfig):
             decomposition=self.decomposition,
             sizes=self.sizes_for(matrix_shape(module)[1]),
             orthogonal=self.orthogonal,
+            spectrum_relu=self.spectrum_relu,
+            shift_init=self.shift_init,
         )
 
 
@@ -609,15 +623,22 @@ class SODAAdapter(Adapter):
     replaces_base = True
 
     def __init__(
-        self, base: nn.Module, *, decomposition: str, sizes: tuple[int, ...], orthogonal: str
+        self,
+        base: nn.Module,
+        *,
+        decomposition: str,
+        sizes: tuple[int, ...],
+        orthogonal: str,
+        spectrum_relu: bool = False,
+        shift_init: float = 0.0,
     ):
         super().__init__()
         d_out, d_in = self.shape = matrix_shape(base)
         self.rank = min(d_out, d_in)
         self.decomposition, self.orthogonal = decomposition, orthogonal
-        self.sizes = tuple(sizes)
+        self.sizes, self.spectrum_relu = tuple(sizes), spectrum_relu
         opts = {"device": base.weight.device, "dtype": weight_dtype(base)}
-        self.shift = nn.Parameter(torch.zeros(self.rank, **opts))
+        self.shift = nn.Parameter(torch.full((self.rank,), float(shift_init), **opts))
         if orthogonal == "stiefel":  # the factors themselves, kept orthogonal by StiefelAdam
             self.factors = nn.ParameterList(nn.Parameter(torch.eye(f, **opts)) for f in self.sizes)
         else:
@@ -626,6 +647,7 @@ class SODAAdapter(Adapter):
             )
         self.register_buffer("U", None, persistent=False)  # svd only; set in on_attach
         self.register_buffer("basis", None, persistent=False)  # V^T or Q: (rank, d_in)
+        self.register_buffer("spectrum", None, persistent=False)  # s: S or diag(L)
 
     def on_attach(self, base: nn.Module) -> None:
         dtype = self.shift.dtype
@@ -633,21 +655,33 @@ class SODAAdapter(Adapter):
         if base.weight.is_meta:
             self.basis = shape_only(self.rank, d_in, dtype=dtype)
             self.U = shape_only(d_out, self.rank, dtype=dtype) if svd else None
+            self.spectrum = shape_only(self.rank, dtype=dtype)
             return
         with torch.no_grad():
-            matrix = weight_matrix(base)
+            matrix = weight_matrix(base).float()
             if svd:
                 u, vh = thin_svd(matrix, self.rank)
                 self.U, self.basis = u.to(dtype), vh.to(dtype)
+                left = u
             else:
-                self.basis = thin_lq(matrix).to(dtype)
+                vh = thin_lq(matrix)
+                self.basis = vh.to(dtype)
+                left = torch.eye(d_out, self.rank, dtype=vh.dtype, device=vh.device)
+            # s_i = u_i^T W v_i: the singular values, or diag(L) of W = L Q
+            self.spectrum = (left * (matrix @ vh.T)).sum(0).to(dtype)
 
     # -- the pieces of W = (W_spec + Delta S) W_basis R ----------------------------------
+
+    def spectrum_delta(self) -> torch.Tensor:
+        """The change of the spectrum: Delta s, or relu(s + Delta s) - s (``spectrum_relu``)."""
+        if not self.spectrum_relu:
+            return self.shift
+        return F.relu(self.spectrum + self.shift) - self.spectrum
 
     def spectral_shift(self) -> torch.Tensor:
         """Delta S W_basis as (d_out, d_in): U diag(Delta s) V^T, or diag(Delta s) Q padded
         to d_out rows (the shift sits on the diagonal of L)."""
-        shifted = self.shift[:, None] * self.basis
+        shifted = self.spectrum_delta()[:, None] * self.basis
         if self.U is not None:
             return self.U @ shifted
         return F.pad(shifted, (0, 0, 0, self.shape[0] - self.rank))

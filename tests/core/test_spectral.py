@@ -353,6 +353,31 @@ def test_soda_follows_the_spectrum_and_basis_update(decomposition, shape):
     torch.testing.assert_close(model(x), x @ expected.T + lin.bias, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("decomposition", ["svd", "lq"])
+def test_soda_spectrum_relu_clips_the_shifted_spectrum_at_zero(decomposition):
+    lin = nn.Linear(10, 6)
+    w0 = lin.weight.detach().clone()
+    model = nn.Sequential(lin)
+    cfg = SODA(decomposition=decomposition, spectrum_relu=True, shift_init=1e-3, targets=["0"])
+    core.inject(model, cfg)
+    adapter = model[0].adapters["default"]
+    if decomposition == "svd":
+        torch.testing.assert_close(adapter.spectrum, torch.linalg.svdvals(w0))
+    else:
+        torch.testing.assert_close(adapter.spectrum, torch.linalg.qr(w0.T)[1].diagonal().abs())
+    assert torch.equal(adapter.shift.detach(), torch.full((6,), 1e-3))  # the authors' init
+    x = torch.randn(4, 10)
+    shift = adapter.shift.detach()  # s + 1e-3 > 0: the relu is the identity here
+    expected = soda_reference(w0, shift, torch.eye(10), decomposition)
+    torch.testing.assert_close(model(x), x @ expected.T + lin.bias, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        adapter.shift.fill_(-1e3)  # every shifted value clips to 0
+    clipped = soda_reference(w0, -adapter.spectrum, torch.eye(10), decomposition)
+    torch.testing.assert_close(model(x), x @ clipped.T + lin.bias, atol=1e-5, rtol=1e-5)
+    if decomposition == "svd":  # a zero spectrum is a zero weight
+        torch.testing.assert_close(model(x), lin.bias.expand(4, 6), atol=1e-5, rtol=0)
+
+
 def test_soda_on_a_kxk_convolution_rotates_the_flattened_receptive_field():
     conv = nn.Conv2d(4, 6, 3, padding=1)
     w0 = conv.weight.detach().clone()
@@ -552,6 +577,7 @@ def test_meta_device_injection_counts_like_real_weights(case):
         (lambda: SODA(kron_factors=0, targets=["x"]), "kron_factors must be >= 1"),
         (lambda: SODA(orthogonal="householder", targets=["x"]), "orthogonal must be one of"),
         (lambda: SODA(factor_sizes=[[0, 4]], targets=["x"]), "lists of positive ints"),
+        (lambda: SODA(spectrum_relu="yes", targets=["x"]), "spectrum_relu must be True or"),
         (lambda: SODA(factor_sizes=[[2, 8], [4, 4]], targets=["x"]), "two factorisations of 16"),
     ],
 )
