@@ -9,6 +9,7 @@ import peft
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from peft.tuners.lokr.layer import factorization as peft_factorization
 
 import core
@@ -23,14 +24,18 @@ from conftest import (
     randomise,
     vit_input,
 )
+from core import layers
 from core.errors import ConfigError, TargetError
 from core.methods.kronecker import (
     SURM,
     KAdaptation,
+    KronLinearFunction,
     LoHa,
     LoKr,
     circulant_matrix,
     factorization,
+    hadamard_lowrank_pays,
+    kron_apply_pays,
     skew_circulant_matrix,
 )
 
@@ -334,3 +339,166 @@ def test_every_method_plans_and_counts_on_the_meta_device(method):
     }[method]
     assert core.param_report(model).by_adapter["default"]["params"] == expected
     assert math.isclose(core.param_report(model).trainable, expected)
+
+
+# --- the training paths equal the plain formulas (forward and every gradient) ---------------
+
+
+def adapted_linear(cfg, in_f: int, out_f: int, bias: bool = True):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(in_f, out_f, bias=bias))
+    core.inject(model, cfg)
+    adapter = adapters_of(model)["0"]
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.normal_(std=0.3)
+    model.train()
+    return model, adapter
+
+
+def assert_matches_formula(model, adapter, plain, draws=None):
+    """model(x) and its gradients (input and every trainable tensor) equal ``plain(x)``;
+    ``draws`` reseeds the RNG before each so both see the same dropout draws."""
+    x = torch.randn(2, 7, model[0].in_features, requires_grad=True)
+    params = [x, *[p for p in adapter.parameters() if p.requires_grad]]
+    upstream = torch.randn(2, 7, model[0].out_features)
+    outs = []
+    for run in (model, plain):
+        if draws is not None:
+            torch.manual_seed(draws)
+        y = run(x)
+        grads = torch.autograd.grad(y, params, upstream, allow_unused=True, materialize_grads=True)
+        outs.append((y, grads))
+    (got, got_grads), (want, want_grads) = outs
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+
+
+def count_fused_calls(monkeypatch) -> list[int]:
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return fused(*args, **kwargs)
+
+    fused = layers.lora_linear
+    monkeypatch.setattr(layers, "lora_linear", counting)
+    return calls
+
+
+def loha_formula(model, adapter, keep_rows=None):
+    base = model[0].base_layer
+
+    def plain(x):
+        delta = adapter.scale * (adapter.w1_a @ adapter.w1_b) * (adapter.w2_a @ adapter.w2_b)
+        if keep_rows is not None:  # drawn per call, as the adapter draws
+            delta = delta * keep_rows(delta.shape[0])[:, None]
+        return F.linear(x, base.weight + delta, base.bias)
+
+    return plain
+
+
+@pytest.mark.parametrize(("r", "lowrank"), [(2, True), (5, False)])
+def test_loha_training_step_equals_the_hadamard_formula(monkeypatch, r, lowrank):
+    model, adapter = adapted_linear(LoHa(r=r, alpha=3.0, targets=["0"]), 29, 37)
+    assert hadamard_lowrank_pays(r, 37, 29) == lowrank == adapter.lowrank
+    assert adapter.replaces_base == (not lowrank)
+    calls = count_fused_calls(monkeypatch)
+    a, b = adapter.hadamard_factors()
+    assert a.shape == (r * r, 29) and b.shape == (37, r * r)
+    assert_matches_formula(model, adapter, loha_formula(model, adapter))
+    assert len(calls) == (1 if lowrank else 0)  # rank r^2 through the fused LoRA path
+
+
+DRAWS = 5  # a seed whose first draw keeps the module under module_dropout=0.01
+assert torch.rand(1, generator=torch.Generator().manual_seed(DRAWS)).item() > 0.01
+
+
+def rank_keep(rate: float, normalise: bool = True):
+    """The draws LyCORIS' dropouts make: module dropout's one number, then the row mask."""
+
+    def keep_rows(rows: int) -> torch.Tensor:
+        torch.rand(1)
+        keep = (torch.rand(rows) > rate).float()
+        return keep / keep.mean() if normalise else keep
+
+    return keep_rows
+
+
+@pytest.mark.parametrize("r", [2, 5])
+def test_loha_rank_and_module_dropout_draw_as_the_dense_formula(r):
+    cfg = LoHa(r=r, rank_dropout=0.4, module_dropout=0.01, targets=["0"])
+    model, adapter = adapted_linear(cfg, 29, 37)
+    keep = rank_keep(0.4)
+    assert_matches_formula(model, adapter, loha_formula(model, adapter, keep), draws=DRAWS)
+    adapter.module_dropout = 0.999  # dropped: the base alone, on both paths
+    assert_matches_formula(model, adapter, model[0].base_layer, draws=DRAWS)
+
+
+def lokr_formula(model, adapter, keep_rows=None):
+    base = model[0].base_layer
+
+    def plain(x):
+        delta = adapter.scale * torch.kron(adapter.side("1"), adapter.side("2"))
+        if keep_rows is not None:  # drawn per call, as the adapter draws
+            delta = delta * keep_rows(delta.shape[0])[:, None]
+        return F.linear(x, base.weight + delta, base.bias)
+
+    return plain
+
+
+# 99 = 9 x 11 outputs, 104 = 8 x 13 inputs: applying the Kronecker product pays; 35 x 33 not
+@pytest.mark.parametrize(
+    ("shape", "options", "structured"),
+    [
+        ((104, 99), {"r": 8}, True),  # W1 and W2 full
+        ((104, 99), {"r": 2, "decompose_both": True}, True),  # both low-rank
+        ((33, 35), {"r": 2}, False),
+    ],
+)
+@pytest.mark.parametrize("bias", [True, False])
+def test_lokr_training_step_equals_the_kronecker_formula(shape, options, structured, bias):
+    model, adapter = adapted_linear(LoKr(alpha=3.0, targets=["0"], **options), *shape, bias)
+    assert adapter.structured == structured and adapter.replaces_base
+    assert kron_apply_pays(*factorization(shape[1]), *factorization(shape[0])) == structured
+    assert_matches_formula(model, adapter, lokr_formula(model, adapter))
+
+
+def test_lokr_rank_dropout_takes_the_dense_form_with_the_same_draws():
+    cfg = LoKr(r=8, rank_dropout=0.3, module_dropout=0.01, targets=["0"])
+    model, adapter = adapted_linear(cfg, 104, 99)
+    keep = rank_keep(0.3, normalise=False)  # LoKr rescales only with rank_dropout_scale
+    assert_matches_formula(model, adapter, lokr_formula(model, adapter, keep), draws=DRAWS)
+
+
+def test_kron_linear_function_gives_every_gradient_of_the_formula():
+    x, weight, bias = torch.randn(11, 6 * 5), torch.randn(4 * 7, 6 * 5), torch.randn(4 * 7)
+    w1, w2 = torch.randn(4, 6), torch.randn(7, 5)
+    inputs = [t.requires_grad_() for t in (x, weight, bias, w1, w2)]
+    got = KronLinearFunction.apply(x, weight, bias, w1, w2, 0.7)
+    want = F.linear(x, weight + 0.7 * torch.kron(w1, w2), bias)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    upstream = torch.randn(want.shape)
+    for g, w in zip(
+        torch.autograd.grad(got, inputs, upstream),
+        torch.autograd.grad(want, inputs, upstream),
+        strict=True,
+    ):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+
+
+def test_loha_mixed_batch_uses_its_rank_r2_factors_per_sample():
+    model, _ = adapted_linear(LoHa(r=2, targets=["0"]), 29, 37)
+    core.inject(model, LoHa(r=2, targets=["0"]), name="other")
+    randomise(model)
+    model.eval()
+    x = torch.randn(3, 4, 29)
+    names = ["default", "other", None]
+    assert adapters_of(model, "other")["0"].lowrank_factors()[0].shape == (4, 29)
+    with torch.no_grad():
+        with core.batch_adapters(model, names):
+            mixed = model(x)
+        for i, name in enumerate(names):
+            core.set_active(model, [name] if name else [])
+            torch.testing.assert_close(mixed[i], model(x[i : i + 1])[0], rtol=1e-5, atol=1e-5)
