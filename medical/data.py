@@ -17,6 +17,7 @@ transforms; grayscale is repeated to three channels for RGB backbones. An item i
 from __future__ import annotations
 
 import csv
+import functools
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -317,9 +318,8 @@ def label_fraction(records: Sequence[Record], fraction: float, seed: int) -> lis
 
 
 def image_reader(path: Path):
-    """MONAI's reader for ``path``: PydicomReader for DICOM, else PILReader (rows first)."""
-    from monai.data import PILReader
-
+    """MONAI's image loader for ``path``: PydicomReader for DICOM, else PILReader (rows
+    first)."""
     if path.suffix.lower() in (".dcm", ".dicom"):
         try:
             import pydicom  # noqa: F401
@@ -327,10 +327,20 @@ def image_reader(path: Path):
             raise DatasetError(
                 f"{path.name} is DICOM, which needs pydicom: pip install pydicom."
             ) from None
-        from monai.data import PydicomReader
+        return _load_image("dicom")
+    return _load_image("pil")
 
-        return PydicomReader(swap_ij=False)  # rows first, as PILReader(reverse_indexing=False)
-    return PILReader(reverse_indexing=False)
+
+@functools.cache
+def _load_image(kind: str):
+    """One ``LoadImage`` per reader kind: building it registers every MONAI reader (and logs
+    about optional decoders), which cost more than decoding a small PNG when done per image."""
+    from monai import transforms as T
+    from monai.data import PILReader, PydicomReader
+
+    # rows first for both, so DICOM and PNG pixels line up
+    reader = PydicomReader(swap_ij=False) if kind == "dicom" else PILReader(reverse_indexing=False)
+    return T.LoadImage(image_only=True, reader=reader)
 
 
 def _to_gray(image: torch.Tensor) -> torch.Tensor:
@@ -366,13 +376,11 @@ class CXRDataset(Dataset):
 
 def read_image(record: Record, image_size: int, augment: bool = False) -> torch.Tensor:
     """The image of ``record`` as a normalised (3, S, S) tensor, or an error naming it."""
-    from monai import transforms as T
-
     if not record.path.is_file():
         raise DatasetError(f"{record.source}: image file {record.path} does not exist.")
-    reader = image_reader(record.path)
+    load = image_reader(record.path)
     try:
-        image = T.LoadImage(image_only=True, reader=reader)(str(record.path))
+        image = load(str(record.path))
     except Exception as err:
         raise DatasetError(
             f"{record.source}: {record.path.name} cannot be decoded ({type(err).__name__}); "
@@ -385,6 +393,7 @@ def read_image(record: Record, image_size: int, augment: bool = False) -> torch.
     return _tensor_transform(image_size, augment)(image)
 
 
+@functools.lru_cache(maxsize=8)
 def _tensor_transform(image_size: int, augment: bool):
     from monai import transforms as T
 
