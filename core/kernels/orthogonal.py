@@ -177,3 +177,177 @@ def cayley_triton(upper: torch.Tensor, b: int) -> torch.Tensor:  # the twin's si
 def cayley(upper: torch.Tensor, b: int) -> torch.Tensor:
     """Dispatch the batched Cayley transform to the kernel or the twin."""
     return (cayley_triton if use_triton(upper) else cayley_torch)(upper, b)
+
+
+# --- grid transforms: block-diagonal products along both axes of a 2-D coordinate grid ---------
+#
+# Coordinates i = h K + l of a width-(H K) vector form an H x K grid. A "low" op multiplies
+# every row h of the grid by its own K x K block (blocks (H, K, K): a plain block-diagonal
+# matrix); a "high" op multiplies every column l by its own H x H block (blocks (K, H, H)).
+# Products of Givens stages pairing i with i XOR 2^s are low ops for s < log2 K and high
+# ops otherwise, so any chain of such stages is a few of these (qGOFT); BOFT's m butterfly
+# factors multiply out to one block-diagonal low op. The ops run on columns: xt is
+# (width, M), one column per token, so each op is one batched GEMM whose operands BLAS reads
+# in place (the token axis has stride 1 in every layout the chain produces), and the linear
+# layer afterwards reads the (d, M) result as a transposed operand: no copy of the
+# activations between the ops except one transpose in and, after a high op, one regroup.
+
+
+def grid_low(t: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """t (H, K, M) -> each row h: blocks[h] @ t[h]."""
+    return torch.bmm(blocks, t)
+
+
+def grid_high(t: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """t (H, K, M) -> each column l: blocks[l] @ t[:, l] (a (K, H, M) buffer, viewed back)."""
+    return torch.bmm(blocks, t.transpose(0, 1)).transpose(0, 1)
+
+
+GRID_OPS = {"low": grid_low, "high": grid_high}
+
+
+def grid_shape(ops: list[tuple[str, torch.Tensor]]) -> tuple[int, int]:
+    """(H, K) of the grid the ops act on."""
+    kind, blocks = ops[0]
+    n, b = blocks.shape[0], blocks.shape[1]
+    return (n, b) if kind == "low" else (b, n)
+
+
+def grid_apply(xt: torch.Tensor, ops: list[tuple[str, torch.Tensor]]) -> torch.Tensor:
+    """Columns of xt (H K, M) through the ops in order (autograd-differentiable)."""
+    h, k = grid_shape(ops)
+    t = xt.reshape(h, k, xt.shape[-1])
+    for kind, blocks in ops:
+        t = GRID_OPS[kind](t, blocks)
+    return t.reshape(h * k, xt.shape[-1])
+
+
+def transposed_ops(ops: list[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
+    """The ops of the transposed product (C_n ... C_1)^T = C_1^T ... C_n^T."""
+    return [(kind, blocks.transpose(-1, -2)) for kind, blocks in reversed(ops)]
+
+
+def to_columns(x: torch.Tensor, width: int) -> torch.Tensor:
+    """(M, d) rows -> (width, M) columns, zero rows below d (width >= d)."""
+    xt = x.t()
+    if width == x.shape[1]:
+        return xt.contiguous()
+    return torch.nn.functional.pad(xt, (0, 0, 0, width - x.shape[1]))
+
+
+def grid_rows(rows: torch.Tensor, ops: list[tuple[str, torch.Tensor]]) -> torch.Tensor:
+    """Each row v of rows (M, d) -> C_n ... C_1 v, as rows (a transposed view)."""
+    h, k = grid_shape(ops)
+    return grid_apply(to_columns(rows, h * k), ops)[: rows.shape[1]].t()
+
+
+def _grid_states(xt: torch.Tensor, ops: list) -> list[torch.Tensor]:
+    """The input of every op (views of (H, K, M) buffers), recomputed without autograd."""
+    h, k = grid_shape(ops)
+    states = [xt.view(h, k, xt.shape[-1])]
+    for kind, blocks in ops[:-1]:
+        states.append(GRID_OPS[kind](states[-1], blocks))
+    return states
+
+
+def _grid_backward(states: list, ops: list, grad: torch.Tensor) -> tuple[torch.Tensor, list]:
+    """d(input) (H, K, M) and d(blocks) of each op from d(output) (H, K, M)."""
+    dblocks = [None] * len(ops)
+    for i in reversed(range(len(ops))):
+        kind, blocks = ops[i]
+        t = states[i]
+        if kind == "low":
+            dblocks[i] = torch.bmm(grad, t.transpose(1, 2))
+            grad = torch.bmm(blocks.transpose(1, 2), grad)
+        else:
+            g = grad.transpose(0, 1)
+            dblocks[i] = torch.bmm(g, t.transpose(0, 1).transpose(1, 2))
+            grad = torch.bmm(blocks.transpose(1, 2), g).transpose(0, 1)
+    return grad, dblocks
+
+
+class GridLinearFunction(torch.autograd.Function):
+    """y = scale * (W (C_n ... C_1 x)) + bias for rows x (M, d), with the grid ops C_i.
+
+    Keeps only the columns x^T (and W h when ``scale`` trains, which its gradient needs);
+    the ops' inputs are recomputed in the backward (batched GEMMs of b columns per
+    coordinate, small next to the layer's own GEMM). The gradient for the layer input
+    comes out as (d, M) columns, returned as a transposed view.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, scale, kinds, *blocks):
+        ops = list(zip(kinds, blocks, strict=True))
+        h_rows, k = grid_shape(ops)
+        d = x.shape[1]
+        xt = to_columns(x, h_rows * k)
+        last = ops[-1]
+        ht = GRID_OPS[last[0]](_grid_states(xt, ops)[-1], last[1]).reshape(h_rows * k, -1)
+        h = ht[:d].t()
+        keep_u = scale is not None and ctx.needs_input_grad[3]
+        if scale is None:
+            y = torch.mm(h, weight.t()) if bias is None else torch.addmm(bias, h, weight.t())
+            u = None
+        else:
+            u = torch.mm(h, weight.t())
+            y = u * scale if bias is None else torch.addcmul(bias, u, scale)
+        ctx.kinds, ctx.d = kinds, d
+        ctx.save_for_backward(xt, weight, scale, u if keep_u else None, *blocks)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        xt, weight, scale, u, *blocks = ctx.saved_tensors
+        ops = list(zip(ctx.kinds, blocks, strict=True))
+        need = ctx.needs_input_grad
+        g = dy if scale is None else dy * scale
+        dscale = (dy * u).sum(0) if u is not None else None
+        dbias = dy.sum(0) if need[2] else None
+        states = _grid_states(xt, ops)
+        dweight = None
+        if need[1]:
+            last = ops[-1]
+            ht = GRID_OPS[last[0]](states[-1], last[1]).reshape(xt.shape)
+            dweight = torch.mm(g.t(), ht[: ctx.d].t())
+        if not (need[0] or any(need[5:])):
+            return None, dweight, dbias, dscale, None, *[None] * len(blocks)
+        dht = torch.mm(weight.t(), g.t())  # (d, M): the columns of d(h)
+        width = xt.shape[0]
+        if width != ctx.d:
+            dht = torch.nn.functional.pad(dht, (0, 0, 0, width - ctx.d))
+        dxt, dblocks = _grid_backward(states, ops, dht.view(states[0].shape))
+        dx = dxt.reshape(width, -1)[: ctx.d].t() if need[0] else None
+        return dx, dweight, dbias, dscale, None, *dblocks
+
+
+def grid_linear_plain(x, weight, bias, scale, ops):
+    """The same function by autograd over ``grid_apply`` and ``F.linear`` (the reference,
+    and the path under autocast or mixed dtypes)."""
+    dtype = ops[0][1].dtype
+    h = grid_rows(x.to(dtype), ops).to(weight.dtype)
+    if scale is None:
+        return torch.nn.functional.linear(h, weight, bias)
+    y = torch.nn.functional.linear(h, weight)
+    scale = scale.to(y.dtype)  # float32 adapters on a half-precision base: keep the base's
+    return y * scale if bias is None else torch.addcmul(bias.to(y.dtype), y, scale)
+
+
+def grid_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    scale: torch.Tensor | None,
+    ops: list[tuple[str, torch.Tensor]],
+) -> torch.Tensor:
+    """scale * (W (C_n ... C_1 x)) + bias for rows x (M, d); scale and bias may be None.
+
+    One fused autograd function when every tensor shares a dtype and autocast is off (its
+    backward recomputes the ops instead of keeping their outputs), else the plain
+    composition. Both run torch's batched GEMM on any device.
+    """
+    tensors = [t for t in (x, weight, bias, scale, *(b for _, b in ops)) if t is not None]
+    uniform = len({t.dtype for t in tensors}) == 1
+    if uniform and not torch.is_autocast_enabled(x.device.type):
+        kinds = tuple(kind for kind, _ in ops)
+        return GridLinearFunction.apply(x, weight, bias, scale, kinds, *(b for _, b in ops))
+    return grid_linear_plain(x, weight, bias, scale, ops)

@@ -84,7 +84,7 @@ import torch.nn.functional as F
 from ..config import AdapterConfig, check_float, check_int
 from ..errors import CheckpointError, ConfigError, MergeError
 from ..kernels import block_apply, butterfly_apply, cayley
-from ..kernels.orthogonal import skew_from_upper
+from ..kernels.orthogonal import grid_linear, grid_rows, skew_from_upper, transposed_ops
 from ..layers import Adapter, conv_forward, is_fan_in_fan_out, weight_dtype
 from ..peft_format import PeftFormat, register_peft_format
 from ..registry import register
@@ -246,6 +246,33 @@ def givens_pairs(d: int, bit: int) -> tuple[torch.Tensor, torch.Tensor]:
     return i[keep], j[keep]
 
 
+# --- grid blocks read off a transform by probing ----------------------------------------
+#
+# A transform P that only mixes coordinates within aligned blocks of k ("low") or only
+# coordinates with equal i mod k ("high") is known from k (or width/k) probe rows: applying
+# P to the rows e_j = sum of the unit vectors of every block's j-th coordinate returns every
+# block's j-th column at once. That turns a chain of cheap per-row maps (Givens stages,
+# butterfly factors) into the blocks of ``core.kernels.grid_linear``, whatever the token
+# count: the probes are (k, width), not (tokens, width).
+
+
+def probe_rows(kind: str, width: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+    i = torch.arange(width)
+    if kind == "low":
+        return (torch.arange(k)[:, None] == i % k).to(dtype)
+    return (torch.arange(width // k)[:, None] == i // k).to(dtype)
+
+
+def blocks_from_probes(kind: str, probed: torch.Tensor, k: int, rows: int) -> torch.Tensor:
+    """The grid blocks of P^T (``core.kernels.grid_apply``) from ``probed`` = the probe rows
+    after the row map w -> P w; ``rows`` is the grid's number of rows H (H k >= d)."""
+    width = probed.shape[1]
+    if kind == "low":  # probed[j, blk k + c] = P[blk k + c, blk k + j]
+        return probed.view(k, width // k, k).permute(1, 0, 2)[:rows]
+    n = width // k  # probed[h0, h k + l] = P[h k + l, h0 k + l]
+    return probed.view(n, n, k).permute(2, 0, 1)[:, :rows, :rows]
+
+
 # --- the shared adapter: transform the weight rows, run the layer with them ------------
 
 
@@ -303,20 +330,34 @@ class RowTransformAdapter(Adapter):
         weight side would need the weight gradient's GEMM (dy^T x) that this avoids."""
         return None
 
+    def grid_ops(self, train: bool = False) -> list[tuple[str, torch.Tensor]] | None:
+        """The input transform h = T^T x as ``core.kernels`` grid ops (a few batched
+        block products), or None where the subclass has no such form."""
+        return None
+
+    def on_inputs(self, x: torch.Tensor) -> bool:
+        """Whether this call computes y = W (T^T x) + b on the activations (see the module
+        docstring); subclasses with grid ops decide per call."""
+        return torch.is_grad_enabled() and self.out_scale is None
+
     def run_on_inputs(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor | None:
-        if self.out_scale is not None:  # scaling outputs would keep an extra activation
-            return None
         dtype = next(self.parameters()).dtype
+        weight = weight_rows(base)
+        ops = self.grid_ops(train=self.training)
+        if ops is not None:
+            y = grid_linear(x.reshape(-1, self.d), weight, base.bias, self.out_scale, ops)
+            return y.view(*x.shape[:-1], y.shape[-1])
+        if self.out_scale is not None:
+            return None
         h = self.rotate_inputs(x.reshape(-1, self.d).to(dtype), train=self.training)
         if h is None:
             return None
-        weight = weight_rows(base)
         y = F.linear(h.to(weight.dtype), weight, base.bias)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     def run_base(self, x: torch.Tensor, base: nn.Module, *args: Any, **kwargs: Any):
         self.before_use()
-        if torch.is_grad_enabled() and layer_kind(base) == "linear":
+        if layer_kind(base) == "linear" and self.on_inputs(x):
             y = self.run_on_inputs(x, base)
             if y is not None:
                 return y
@@ -614,6 +655,7 @@ class BOFTAdapter(RowTransformAdapter):
         triangle = block_size * (block_size - 1) // 2
         self.Q = nn.Parameter(torch.zeros(self.m, n_blocks, triangle, **self.opts))
         self.scale = nn.Parameter(torch.ones(self.out, **self.opts))
+        self.grid_block = boft_grid_block(self.d, block_size, self.m)
 
     @property
     def out_scale(self) -> torch.Tensor:
@@ -629,7 +671,8 @@ class BOFTAdapter(RowTransformAdapter):
     def perms(self) -> list[torch.Tensor]:
         return [butterfly_perm(self.d, self.block_size, i) for i in range(self.m)]
 
-    def rotate(self, rows: torch.Tensor, inverse: bool = False, train: bool = False):
+    def rotate_factors(self, rows: torch.Tensor, inverse: bool = False, train: bool = False):
+        """Rows w -> T w (or T^{-1} w) factor by factor: m block products and gathers."""
         factors = list(self.factors(train).unbind(0))
         perms = self.perms()
         if inverse:  # (B_m ... B_1)^{-1} = B_1^{-1} ... B_m^{-1}, B^{-1} = P D^T P^T
@@ -637,6 +680,59 @@ class BOFTAdapter(RowTransformAdapter):
             perms = perms[::-1]
         gathers = self.cached(inverse, rows.device, lambda: chain_gathers(perms))
         return butterfly_apply(rows, factors, gathers)
+
+    def grid_ops(self, train: bool = False) -> list[tuple[str, torch.Tensor]] | None:
+        """T^T as one block-diagonal op: factor i mixes coordinates only within aligned
+        groups of b 2^i, so B_m ... B_1 is block-diagonal with blocks of b 2^(m-1),
+        read off the factors with that many probe rows."""
+        k = self.grid_block
+        if k is None:
+            return None
+        dtype, device = self.Q.dtype, self.Q.device
+        probes = self.cached(
+            ("probes", dtype), device, lambda: [probe_rows("low", self.d, k, dtype)]
+        )
+        probed = self.rotate_factors(probes[0], train=train)
+        return [("low", blocks_from_probes("low", probed, k, self.d // k))]
+
+    def rotate(self, rows: torch.Tensor, inverse: bool = False, train: bool = False):
+        ops = None if inverse else self.grid_ops(train)
+        if ops is None:
+            return self.rotate_factors(rows, inverse, train)
+        return grid_rows(rows, transposed_ops(ops))
+
+    def on_inputs(self, x: torch.Tensor) -> bool:
+        """Per call: the activation side avoids the weight side's (out x d x tokens) GEMM
+        for d(W'), but the gradient of s then needs W h, one (tokens, out) activation. It is
+        taken while that is no larger than what HF PEFT's BOFT keeps per layer (the rotated
+        and the scaled weight, out x d each, and d x d rotations), so memory stays below
+        PEFT's. Without gradients: whichever side has fewer rows to transform."""
+        if self.grid_block is None:
+            return False
+        tokens = x.numel() // self.d
+        if not torch.is_grad_enabled():
+            return tokens < self.out
+        if not self.scale.requires_grad:
+            return True
+        return tokens * self.out <= 2 * self.out * self.d + 2 * self.d**2
+
+
+# Combined BOFT blocks up to this size run as one grid op; wider (large b with many factors)
+# keep the factor-by-factor chain, whose cost grows with m b instead of b 2^(m-1).
+GRID_MAX_BLOCK = 256
+# Narrower blocks are widened (zeros off their diagonal) to this when d allows: one batched
+# GEMM of 32 x 32 blocks beats four of 8 x 8 on CPU.
+GRID_MIN_BLOCK = 32
+
+
+def boft_grid_block(d: int, b: int, m: int) -> int | None:
+    """The block size of BOFT's combined factors as a grid op, or None (too wide)."""
+    k = b * 2 ** (m - 1)
+    if k > GRID_MAX_BLOCK or d % k:
+        return None
+    while k < GRID_MIN_BLOCK and d % (2 * k) == 0:
+        k *= 2
+    return k
 
 
 # --- qGOFT -----------------------------------------------------------------------------
@@ -703,6 +799,60 @@ class QGOFTAdapter(RowTransformAdapter):
     def rotate(
         self, rows: torch.Tensor, inverse: bool = False, train: bool = False, pure: bool = False
     ) -> torch.Tensor:
+        if inverse or pure:
+            return self.rotate_stages(rows, inverse, pure)
+        return grid_rows(rows, transposed_ops(self.grid_ops()))
+
+    def on_inputs(self, x: torch.Tensor) -> bool:
+        """Training: always the activation side (no d(W') GEMM). Without gradients:
+        whichever side has fewer rows to transform."""
+        return torch.is_grad_enabled() or x.numel() // self.d < self.out
+
+    def angle_tables(self, grid: GivensGrid) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per stage and padded pair slot, the block's columns as (2, width/2) tables:
+        cos = [cos t, cos(t + p)], sin = [-sin(t + p), sin t]; identity in unused slots."""
+        half = grid.padded // 2
+        slots = self.cached(
+            ("slots", half), self.theta.device, lambda: [slot_index(self.sizes, half)]
+        )
+
+        def spread(angles: torch.Tensor) -> torch.Tensor:
+            full = angles.new_zeros(len(self.sizes) * half)
+            return full.index_copy(0, slots[0], angles).view(len(self.sizes), half)
+
+        theta = spread(self.theta)
+        turned = theta if self.phi is None else theta + spread(self.phi)
+        c1, s1 = theta.cos(), theta.sin()
+        c2, s2 = (c1, s1) if self.phi is None else (turned.cos(), turned.sin())
+        return torch.stack([c1, c2], 1), torch.stack([-s2, s1], 1)
+
+    def grid_ops(self, train: bool = False) -> list[tuple[str, torch.Tensor]]:
+        """T^T = G_1^T ... G_L^T N as a few grid ops: consecutive stages of bits below
+        log2 k are one low op, the others one high op (``GivensGrid``); each op's blocks are
+        the stages applied to probe rows, N folded into the op that comes first on x."""
+        grid = givens_grid(self.d)
+        cos, sin = self.angle_tables(grid)
+        dtype, device = self.theta.dtype, self.theta.device
+        ops = []
+        for number, (kind, stages) in enumerate(grid.groups):
+            probes = self.cached(
+                ("probes", kind, dtype),
+                device,
+                lambda kind=kind: [probe_rows(kind, grid.padded, grid.k, dtype)],
+            )
+            rows = probes[0]
+            for stage in stages:
+                rows = givens_on_rows(rows, cos[stage], sin[stage], grid.bits[stage])
+            if number == len(grid.groups) - 1 and self.norm is not None:
+                rows = rows * F.pad(self.norm, (0, grid.padded - self.d), value=1.0)
+            ops.append((kind, blocks_from_probes(kind, rows, grid.k, grid.rows)))
+        return ops[::-1]
+
+    def rotate_stages(
+        self, rows: torch.Tensor, inverse: bool = False, pure: bool = False
+    ) -> torch.Tensor:
+        """Rows w -> T w (T^{-1} w) stage by stage, the formula as written; ``pure`` drops the
+        relative angles and the norm. Used to invert and as the tests' reference."""
         pairs = self.stages(rows.device)
         theta = self.theta.split(self.sizes)
         phi = [None] * len(theta) if self.phi is None or pure else self.phi.split(self.sizes)
@@ -732,6 +882,54 @@ class QGOFTAdapter(RowTransformAdapter):
         if self.norm is not None:
             total = total + (self.norm.pow(2) - 1).pow(2).sum()
         return self.weight_lambda * total
+
+
+@dataclass(frozen=True)
+class GivensGrid:
+    """qGOFT's stages as grid ops: coordinates i = h k + l of the padded width 2^L; a stage
+    of bit s pairs i with i XOR 2^s, within a grid row (low, 2^s < k) or within a grid
+    column (high). ``rows`` H = ceil(d / k) is the grid height the tokens need."""
+
+    bits: tuple[int, ...]
+    padded: int
+    k: int
+    rows: int
+    groups: tuple[tuple[str, tuple[int, ...]], ...]  # (kind, stage positions), in order
+
+
+@functools.lru_cache(maxsize=64)
+def givens_grid(d: int) -> GivensGrid:
+    bits = givens_stage_bits(d)
+    levels = (d - 1).bit_length()
+    k = 1 << ((levels + 1) // 2)  # about sqrt(d): both kinds of blocks stay small
+    groups: list[tuple[str, list[int]]] = []
+    for position, bit in enumerate(bits):
+        kind = "low" if (1 << bit) < k else "high"
+        if groups and groups[-1][0] == kind:
+            groups[-1][1].append(position)
+        else:
+            groups.append((kind, [position]))
+    return GivensGrid(
+        tuple(bits), 1 << levels, k, -(-d // k), tuple((g, tuple(p)) for g, p in groups)
+    )
+
+
+def slot_index(sizes: list[int], half: int) -> torch.Tensor:
+    """Where each angle goes in the (stages, half) slot tables: a stage's pairs (i, i + 2^s),
+    i ascending, are the first of its slots (the pairs with i + 2^s < d form a prefix)."""
+    return torch.cat([k * half + torch.arange(n) for k, n in enumerate(sizes)])
+
+
+def givens_on_rows(
+    rows: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bit: int
+) -> torch.Tensor:
+    """One stage on rows of the padded width: slot (a, b) is the pair (i, i + 2^s) with
+    i = a 2^(s+1) + b; new = [[c1, -s2], [s1, c2]] [w_i, w_j] per slot, in four ops."""
+    n, width = rows.shape
+    a, b = width >> (bit + 1), 1 << bit
+    pairs = rows.view(n, a, 2, b)
+    cos, sin = cos.view(2, a, b).transpose(0, 1), sin.view(2, a, b).transpose(0, 1)
+    return (pairs * cos + pairs.flip(2) * sin).reshape(n, width)
 
 
 def givens_stage(

@@ -19,10 +19,10 @@ from core.kernels import (
     sgmv_lora_torch,
 )
 from core.kernels import lora as lora_kernels
-from core.kernels.orthogonal import skew_from_upper
+from core.kernels.orthogonal import grid_linear, grid_linear_plain, skew_from_upper
 from core.methods import orthogonal
 from core.methods.lora import LoRA
-from core.methods.orthogonal import BOFT, OFT
+from core.methods.orthogonal import BOFT, OFT, QGOFT
 from core.methods.scaling import IA3
 
 
@@ -272,10 +272,37 @@ def test_cayley_twin_has_the_closed_form_gradient_of_the_solve():
     assert torch.autograd.gradcheck(lambda u: cayley_torch(u, 5), (upper,))
 
 
-@pytest.mark.parametrize("method", ["oft", "boft"])
-def test_orthogonal_training_paths_equal_the_transformed_weight_formula(method, monkeypatch):
-    """OFT trains on the activations (y = W R^T x); BOFT keeps the weight side and
-    recomputes W' in the backward. Both equal F.linear with W' = diag(s) W T^T."""
+def perturbed(model: nn.Module, std: float = 0.2) -> nn.Module:
+    adapter = model[0].adapters["default"]
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.add_(std * torch.randn_like(p))
+    return adapter
+
+
+def count_recomputed_weights(monkeypatch) -> list[int]:
+    """Calls of the weight side's training function (it keeps no W' for the backward)."""
+    calls: list[int] = []
+    real = orthogonal.LinearWithRecomputedWeight.apply
+    monkeypatch.setattr(
+        orthogonal.LinearWithRecomputedWeight, "apply", lambda *a: calls.append(1) or real(*a)
+    )
+    return calls
+
+
+@pytest.mark.parametrize(
+    "method, tokens, weight_side",
+    [("oft", 15, False), ("boft", 15, False), ("boft", 100, True)],
+    ids=["oft", "boft_activation_side", "boft_weight_side"],
+)
+def test_orthogonal_training_paths_equal_the_transformed_weight_formula(
+    method, tokens, weight_side, monkeypatch
+):
+    """OFT trains on the activations (y = W R^T x). BOFT does too while the activation W h
+    its scale's gradient keeps is no larger than what HF PEFT keeps per layer
+    (tokens * out <= 2 out d + 2 d^2 = 896 here), else it keeps the weight side and
+    recomputes W' in the backward. Every path equals F.linear with W' = diag(s) W T^T,
+    T built factor by factor."""
     lin = nn.Linear(16, 12).double()
     cfg = (
         OFT(block_size=4, targets=["0"])
@@ -283,23 +310,100 @@ def test_orthogonal_training_paths_equal_the_transformed_weight_formula(method, 
         else BOFT(block_size=4, butterfly_factors=2, targets=["0"])
     )
     model = core.inject(nn.Sequential(lin), cfg)
-    adapter = model[0].adapters["default"]
-    with torch.no_grad():
-        for p in adapter.parameters():
-            p.add_(0.2 * torch.randn_like(p))
-    recomputed = []
-    real = orthogonal.LinearWithRecomputedWeight.apply
-    monkeypatch.setattr(
-        orthogonal.LinearWithRecomputedWeight, "apply", lambda *a: recomputed.append(1) or real(*a)
-    )
-    x = torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True)
+    adapter = perturbed(model)
+    recomputed = count_recomputed_weights(monkeypatch)
+    x = torch.randn(tokens, 16, dtype=torch.float64, requires_grad=True)
     out = model(x)
-    assert len(recomputed) == (method == "boft")
-    want = F.linear(x, adapter.transformed_rows(lin), lin.bias)
+    assert len(recomputed) == weight_side
+    if method == "oft":
+        want = F.linear(x, adapter.transformed_rows(lin), lin.bias)
+    else:
+        rows = adapter.rotate_factors(lin.weight) * adapter.scale[:, None]
+        want = F.linear(x, rows, lin.bias)
     torch.testing.assert_close(out, want)
     params = [x, *adapter.parameters()]
     for got, exp in zip(grads(out, params), grads(want, params), strict=True):
         torch.testing.assert_close(got, exp)
+
+
+def dense_grid(kind: str, blocks: torch.Tensor) -> torch.Tensor:
+    """The (H K) x (H K) matrix of one grid op, coordinate i = h K + l."""
+    if kind == "low":
+        return torch.block_diag(*blocks)
+    k, h = blocks.shape[0], blocks.shape[1]
+    dense = blocks.new_zeros(h * k, h * k)
+    idx = torch.arange(h * k).view(h, k)
+    for col in range(k):
+        rows = idx[:, col]
+        dense = dense.index_put((rows[:, None], rows[None, :]), blocks[col])
+    return dense
+
+
+@pytest.mark.parametrize("with_scale", [True, False], ids=["scaled", "unscaled"])
+@pytest.mark.parametrize("d", [10, 12], ids=["padded", "exact"])
+def test_grid_linear_equals_dense_products_with_every_gradient(with_scale, d):
+    """y = s * (W (C_3 C_2 C_1 x)) + b with C_i block-diagonal along the rows (low) or the
+    columns (high) of a 3 x 4 coordinate grid; d = 10 leaves the last two zero-padded."""
+    h, k = 3, 4
+    x, w, bias, scale, low, high, low2 = leaves(
+        (7, d), (5, d), (5,), (5,), (h, k, k), (k, h, h), (h, k, k)
+    )
+    scale = scale if with_scale else None
+    ops = [("high", high), ("low", low), ("low", low2)]
+    fused = grid_linear(x, w, bias, scale, ops)
+    total = torch.eye(h * k, dtype=torch.float64)
+    for kind, blocks in ops:
+        total = dense_grid(kind, blocks) @ total
+    padded = F.pad(x, (0, h * k - d))
+    plain = F.linear((padded @ total.T)[:, :d], w, bias if scale is None else None)
+    if scale is not None:
+        plain = plain * scale + bias
+    torch.testing.assert_close(fused, plain)
+    inputs = [t for t in (x, w, bias, scale, low, high, low2) if t is not None]
+    for got, want in zip(grads(fused, inputs), grads(plain, inputs), strict=True):
+        torch.testing.assert_close(got, want)
+    torch.testing.assert_close(grid_linear_plain(x, w, bias, scale, ops), plain)
+
+
+@pytest.mark.parametrize("d", [12, 33, 64], ids=["12", "odd", "power_of_two"])
+def test_qgoft_grid_equals_the_givens_stages_forward_and_gradients(d):
+    """qGOFT's stages run as a few grid ops on the activations; they equal T = N G_L ... G_1
+    applied stage by stage (``rotate_stages``) to the weight, W' = W T^T, for y and for the
+    gradients of x, the angles, the relative angles and the norm."""
+    lin = nn.Linear(d, 9).double()
+    model = core.inject(nn.Sequential(lin), QGOFT(targets=["0"]))
+    adapter = perturbed(model, std=0.4)
+    x = torch.randn(2, 5, d, dtype=torch.float64, requires_grad=True)
+    out = model(x)
+    want = F.linear(x, adapter.rotate_stages(lin.weight), lin.bias)
+    torch.testing.assert_close(out, want)
+    params = [x, adapter.theta, adapter.phi, adapter.norm]
+    for got, exp in zip(grads(out, params), grads(want, params), strict=True):
+        torch.testing.assert_close(got, exp)
+    rows = torch.randn(4, d, dtype=torch.float64)
+    torch.testing.assert_close(adapter.rotate(rows), adapter.rotate_stages(rows))
+    with torch.no_grad():  # few tokens: the activation side; many: the weight side
+        for tokens in (3, 40):
+            z = torch.randn(tokens, d, dtype=torch.float64)
+            torch.testing.assert_close(
+                model(z), F.linear(z, adapter.rotate_stages(lin.weight), lin.bias)
+            )
+
+
+def test_boft_factors_multiply_out_to_one_block_op():
+    """BOFT's m factors are one block-diagonal op of b 2^(m-1) (widened to 32 where d
+    allows); over 256 the factor chain stays."""
+    assert orthogonal.boft_grid_block(768, 8, 2) == 32
+    assert orthogonal.boft_grid_block(48, 4, 3) == 16
+    assert orthogonal.boft_grid_block(15, 5, 1) == 5
+    assert orthogonal.boft_grid_block(4096, 64, 4) is None
+    lin = nn.Linear(48, 6).double()
+    model = core.inject(nn.Sequential(lin), BOFT(block_size=4, butterfly_factors=3, targets=["0"]))
+    adapter = perturbed(model)
+    rows = torch.randn(5, 48, dtype=torch.float64)
+    torch.testing.assert_close(adapter.rotate(rows), adapter.rotate_factors(rows))
+    [(kind, blocks)] = adapter.grid_ops()
+    assert kind == "low" and blocks.shape == (3, 16, 16)
 
 
 # --- scale and shift --------------------------------------------------------------------------
