@@ -4,7 +4,9 @@ Every method here updates a frozen module's parameters by a *sparse* delta, stor
 (indices, values) per tensor: a persistent int64 buffer of flat positions in the tensor's
 own storage and a parameter of the same length, ``W' = W + scatter(indices, values)``. The
 forward builds W' with one ``index_add`` and runs the module's own forward on it (one
-GEMM, not the base plus a second product); merging adds the values at their positions,
+GEMM, not the base plus a second product); on a linear layer its backward forms only the
+selected entries of the weight gradient (``SparseDeltaLinear``) where that is cheaper than
+the dense ``g^T x``; merging adds the values at their positions,
 and unmerging writes the saved original entries back, so it is bitwise exact. A dense
 delta is never stored. The trainable count is the number of selected entries.
 
@@ -152,7 +154,17 @@ class SparseDeltaAdapter(Adapter):
         if any(getattr(base, n).is_meta for n in self.tuned) or not self.is_selected():
             self.check_selected()
             return base(x, *args, **kwargs)
+        if not args and not kwargs and sparse_linear_fits(x, base, self.indices("weight")):
+            bias = self.updated_bias(base)
+            index, values = self.indices("weight"), self.values["weight"]
+            return SparseDeltaLinear.apply(x, base.weight, bias, index, values)
         return run_with(base, self.updated(base), x, args, kwargs)
+
+    def updated_bias(self, base: nn.Module) -> torch.Tensor | None:
+        bias = base.bias
+        if "bias" in self.tuned and self.indices("bias").numel():
+            bias = bias.index_add(0, self.indices("bias"), self.values["bias"].to(bias.dtype))
+        return bias
 
     def merge(self, base: nn.Module) -> None:
         if not self.is_selected():
@@ -168,6 +180,87 @@ class SparseDeltaAdapter(Adapter):
 
     def num_selected(self) -> int:
         return sum(self.values[n].numel() for n in self.tuned)
+
+
+# --- the fast path on a linear layer ------------------------------------------------------
+
+# A gathered multiply-add (one selected entry, one token) costs about as much on CPU as this
+# many multiply-adds of the dense gradient GEMM g^T x: below d_out d_in / GATHER_COST
+# entries, gathering the selected entries' gradients is cheaper than forming all of them.
+GATHER_COST = 256
+GATHER_BLOCK = 1 << 21  # elements gathered at once (8 MB in float32)
+
+
+def sparse_linear_fits(x: Any, base: nn.Module, index: torch.Tensor) -> bool:
+    """Whether ``SparseDeltaLinear`` computes this call: a plain nn.Linear whose frozen
+    weight has entries chosen, outside autocast (its dtype casts would go around it)."""
+    return (
+        type(base) is nn.Linear
+        and isinstance(x, torch.Tensor)
+        and index.numel() > 0
+        and not base.weight.requires_grad
+        and x.dtype == base.weight.dtype
+        and not torch.is_autocast_enabled(x.device.type)
+    )
+
+
+class SparseDeltaLinear(torch.autograd.Function):
+    """``F.linear(x, W + scatter(index, values), bias)`` whose backward forms only the
+    selected entries of the weight gradient, ``dvalues_i = sum_t g[t, r_i] x[t, c_i]``
+    (``selected_weight_grad``); the plain formula's autograd forms all d_out x d_in of
+    ``g^T x`` and then picks k of them. Forward and the input gradient are unchanged."""
+
+    @staticmethod
+    def forward(ctx: Any, x, weight, bias, index, values):
+        flat = weight.reshape(-1).index_add(0, index, values.to(weight.dtype))
+        updated = flat.view_as(weight)
+        ctx.values_dtype = values.dtype
+        # the updated weight is kept only for the input gradient
+        ctx.save_for_backward(x, updated if ctx.needs_input_grad[0] else None, index)
+        return F.linear(x, updated, bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor):
+        x, updated, index = ctx.saved_tensors
+        need_x, _, need_bias, _, need_values = ctx.needs_input_grad
+        rows = grad.reshape(-1, grad.shape[-1])
+        grad_x = grad @ updated if need_x else None
+        grad_bias = rows.sum(0) if need_bias else None
+        grad_values = None
+        if need_values:
+            inputs = x.reshape(-1, x.shape[-1])
+            grad_values = selected_weight_grad(rows, inputs, index).to(ctx.values_dtype)
+        return grad_x, None, grad_bias, None, grad_values
+
+
+def selected_weight_grad(g: torch.Tensor, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Entries ``index`` (flat, row-major) of the weight gradient ``g^T x`` for g (n, d_out)
+    and x (n, d_in): gathered column pairs, multiplied and summed over the n rows, in
+    blocks of ``GATHER_BLOCK``; the dense GEMM where gathering would cost more. When the
+    entries are k per row in row order (GPS), g's columns are used as they lie."""
+    (n, d_out), d_in, k = g.shape, x.shape[1], index.numel()
+    if k * GATHER_COST >= d_out * d_in:
+        return (g.t() @ x).reshape(-1).index_select(0, index)
+    rows, cols = index.div(d_in, rounding_mode="floor"), index.remainder(d_in)
+    per_row = k // d_out
+    in_row_order = per_row * d_out == k and torch.equal(
+        rows, torch.arange(d_out, device=rows.device).repeat_interleave(per_row)
+    )
+    work = torch.float32 if g.dtype in (torch.float16, torch.bfloat16) else g.dtype
+    out = torch.empty(k, dtype=work, device=g.device)
+    unit = per_row if in_row_order else 1
+    step = unit * max(1, GATHER_BLOCK // (n * unit))
+    for start in range(0, k, step):
+        stop = min(k, start + step)
+        picked_x = x.index_select(1, cols[start:stop]).to(work)
+        if in_row_order:  # g's columns start // per_row .. stop // per_row, each per_row times
+            picked_g = g[:, start // per_row : stop // per_row].to(work)
+            picked_x = picked_x.view(n, -1, per_row) * picked_g.unsqueeze(-1)
+            out[start:stop] = picked_x.sum(0).reshape(-1)
+        else:
+            picked_g = g.index_select(1, rows[start:stop]).to(work)
+            out[start:stop] = (picked_g * picked_x).sum(0)
+    return out
 
 
 def train_dtype(param: torch.Tensor) -> torch.dtype:
@@ -461,14 +554,24 @@ class DiffPruningAdapter(Adapter):
             out[name] = z * w
         return out
 
+    def updated(self, base: nn.Module) -> dict[str, torch.Tensor]:
+        """``p + z * w`` per tuned parameter (``GatedDiff``: the same numbers as
+        ``p + deltas()[name]``, fused and in cache-sized blocks)."""
+        params = {}
+        for name, w in self.diff.items():
+            alpha = self.alpha[name]
+            u = torch.rand_like(alpha) if self.training else None  # drawn as ``gate`` does
+            if self.group_alpha is not None:  # z_i z_g w = z_i (z_g w)
+                w = w * self.gate(self.group_alpha[name])
+            temperature = self.beta if self.training else 1.0
+            stretch = (self.low, self.high, temperature)
+            params[name] = GatedDiff.apply(getattr(base, name), w, alpha, u, stretch)
+        return params
+
     def run_base(self, x: torch.Tensor, base: nn.Module, *args: Any, **kwargs: Any):
         if any(getattr(base, n).is_meta for n in self.diff):
             return base(x, *args, **kwargs)
-        params = {}
-        for name, delta in self.deltas().items():
-            param = getattr(base, name)
-            params[name] = param + delta.to(param.dtype)
-        return run_with(base, params, x, args, kwargs)
+        return run_with(base, self.updated(base), x, args, kwargs)
 
     def nonzero_probability(self, alpha: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(alpha - self.beta * math.log(-self.low / self.high))
@@ -507,6 +610,62 @@ class DiffPruningAdapter(Adapter):
                 return self.deltas()
         finally:
             self.train(mode)
+
+
+GATE_BLOCK = 1 << 16  # entries per block of GatedDiff (its ~6 temporaries stay in cache)
+
+
+class GatedDiff(torch.autograd.Function):
+    """``p + z * w`` with the hard-concrete gate ``z = clamp(s (r - l) + l, 0, 1)``,
+    ``s = sigmoid((log u - log(1 - u) + alpha) / beta)`` (training; u ~ U(0, 1) given) or
+    ``s = sigmoid(alpha)`` (``u`` None), and its gradients
+    ``dw = G z``, ``dalpha = G w (r - l) s (1 - s) / beta`` where ``0 <= s (r - l) + l <= 1``
+    (else 0, as clamp's gradient), for G the gradient of the result.
+
+    The same arithmetic as autograd through ``gate``, but every full-size pass runs over
+    blocks of ``GATE_BLOCK`` entries that stay in cache, and backward needs two products
+    (autograd keeps ~6 full-size intermediates and runs ~10 passes over them)."""
+
+    @staticmethod
+    def forward(ctx, param, w, alpha, u, stretch):
+        low, high, temperature = stretch
+        z = torch.empty_like(alpha)
+        slope = torch.empty_like(alpha) if ctx.needs_input_grad[2] else None
+        out = torch.empty_like(param)
+        flat = [t.reshape(-1) for t in (param, w, alpha, z, out)]
+        noise = None if u is None else u.reshape(-1)
+        for start in range(0, alpha.numel(), GATE_BLOCK):
+            block = slice(start, start + GATE_BLOCK)
+            p, wb, a, zb, ob = (t[block] for t in flat)
+            s = a.clone() if noise is None else logistic(noise[block]).add_(a).div_(temperature)
+            s.sigmoid_()
+            torch.mul(s, high - low, out=zb).add_(low)  # the stretched gate, before clamping
+            if slope is not None:  # (r - l) / beta * s (1 - s) * [0 <= zb <= 1] * w
+                inside = (zb >= 0).logical_and_(zb <= 1)
+                kb = torch.rsub(s, 1).mul_(s).mul_((high - low) / temperature).mul_(inside)
+                torch.mul(kb, wb, out=slope.reshape(-1)[block])
+            zb.clamp_(0.0, 1.0)
+            if p.dtype == wb.dtype:
+                torch.addcmul(p, zb, wb, out=ob)
+            else:  # the delta in the adapter's dtype, added in the base's (as p + delta.to())
+                torch.add(p, (zb * wb).to(p.dtype), out=ob)
+        ctx.save_for_backward(z, slope)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        z, slope = ctx.saved_tensors
+        need_param, need_w, need_alpha, _, _ = ctx.needs_input_grad
+        grad32 = grad.to(z.dtype)
+        grad_w = grad32 * z if need_w else None
+        grad_alpha = grad32 * slope if need_alpha else None
+        return grad if need_param else None, grad_w, grad_alpha, None, None
+
+
+def logistic(u: torch.Tensor) -> torch.Tensor:
+    """``log u - log(1 - u)`` of ``u`` clamped to [1e-6, 1 - 1e-6], as ``gate`` takes it, by
+    one ``logit`` (log(u / (1 - u))): a fifth of the time of the two logarithms on CPU."""
+    return torch.logit(u.clamp(1e-6, 1 - 1e-6))
 
 
 def prune(model: nn.Module, name: str = "default", density: float | None = None) -> int:

@@ -302,6 +302,82 @@ def test_spt_refuses_a_budget_it_cannot_spend_exactly():
         select(vit, task_batches(1))
 
 
+# --- fast paths against the plain formulas ---------------------------------------------------
+
+
+def plain_sparse_linear(x, layer, weight_index, weight_values, bias_index, bias_values):
+    """F.linear(x, W + scatter(values), b + scatter(values)), autograd through all of it."""
+    weight = layer.weight.reshape(-1).index_add(0, weight_index, weight_values)
+    bias = layer.bias.index_add(0, bias_index, bias_values)
+    return F.linear(x, weight.view_as(layer.weight), bias)
+
+
+@pytest.mark.parametrize("per_row", [0, 2])  # 0: entries anywhere; 2: GPS, two per row
+@pytest.mark.parametrize("gathered", [True, False])
+def test_sparse_delta_linear_equals_the_plain_scatter_formula(per_row, gathered, monkeypatch):
+    """Forward and the gradients of the selected values, the bias values and the input."""
+    from core.methods import sparse
+
+    monkeypatch.setattr(sparse, "GATHER_COST", 0 if gathered else 10**9)
+    monkeypatch.setattr(sparse, "GATHER_BLOCK", 9)  # several blocks on these small sizes
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(13, 11).requires_grad_(False)
+    if per_row:
+        cols = torch.stack([torch.randperm(13)[:per_row].sort().values for _ in range(11)])
+        index = (torch.arange(11)[:, None] * 13 + cols).reshape(-1)
+    else:
+        index = torch.randperm(11 * 13)[:17].sort().values
+    adapter = SparseDeltaAdapter(layer, {"weight": index.numel(), "bias": 3})
+    adapter.assign("weight", index, torch.randn(index.numel()))
+    adapter.assign("bias", torch.tensor([0, 4, 10]), torch.randn(3))
+    x = torch.randn(3, 5, 13, requires_grad=True)
+    trained = [x, adapter.values["weight"], adapter.values["bias"]]
+    y = adapter.run_base(x, layer)
+    grad_out = torch.randn_like(y)
+    fast = torch.autograd.grad(y, trained, grad_out)
+    plain = plain_sparse_linear(
+        x, layer, index, adapter.values["weight"], adapter.indices("bias"), adapter.values["bias"]
+    )
+    torch.testing.assert_close(y, plain, atol=1e-6, rtol=1e-6)
+    for got, want in zip(fast, torch.autograd.grad(plain, trained, grad_out), strict=True):
+        assert want.abs().max() > 0
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("structured", [False, True])
+@pytest.mark.parametrize("training", [True, False])
+def test_gated_diff_equals_the_hard_concrete_formula(structured, training, monkeypatch):
+    """``p + z(alpha, u) w`` in blocks vs autograd through ``gate`` on the same draw of u:
+    forward and the gradients of w, alpha, the group gates and the input."""
+    from core.methods import sparse
+
+    monkeypatch.setattr(sparse, "GATE_BLOCK", 7)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(13, 11))
+    core.inject(model, DiffPruning(targets=["0"], structured=structured, alpha_init=0.5))
+    wrapper = model[0]
+    adapter = wrapper.adapters["default"]
+    with torch.no_grad():
+        for p in adapter.parameters():  # gates strictly inside (0, 1) and clamped ones
+            p.add_(torch.randn_like(p))
+    adapter.train(training)
+    x = torch.randn(3, 5, 13, requires_grad=True)
+    trained = [x, *adapter.parameters()]
+    torch.manual_seed(5)
+    y = model(x)
+    grad_out = torch.randn_like(y)
+    fast = torch.autograd.grad(y, trained, grad_out)
+    torch.manual_seed(5)  # the same u for every entry
+    delta = adapter.deltas()
+    layer = wrapper.base_layer
+    plain = F.linear(x, layer.weight + delta["weight"], layer.bias + delta["bias"])
+    torch.testing.assert_close(y, plain, atol=1e-5, rtol=1e-5)
+    want = torch.autograd.grad(plain, trained, grad_out, allow_unused=True)
+    for got, expected in zip(fast, want, strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert want[1].abs().max() > 0 and want[3].abs().max() > 0  # w and alpha of the weight
+
+
 # --- diff pruning ---------------------------------------------------------------------------
 
 
