@@ -84,8 +84,15 @@ def write_chexpert(
     seed: int = 0,
     folder: str = "CheXpert-v1.0-small",
     lateral_every: int = 3,
+    image_format: str = "jpg",
 ) -> Path:
-    """Write ``<root>/CheXpert-v1.0-small/{train,valid}.csv`` and the JPEG tree; returns root."""
+    """Write ``<root>/CheXpert-v1.0-small/{train,valid}.csv`` and the image tree; returns root.
+
+    ``image_format`` "jpg" as CheXpert ships; "png" or "dcm" (DICOM, e.g. images exported
+    from a PACS) write the same pixels losslessly under the same ``Path`` with that suffix.
+    """
+    if image_format not in ("jpg", "png", "dcm"):
+        raise ValueError(f"image_format must be jpg, png or dcm, got {image_format!r}.")
     root = Path(root)
     base = root / folder
     rng = np.random.default_rng(seed)
@@ -99,11 +106,14 @@ def write_chexpert(
             ]
             lateral = view == 2 and patient % lateral_every == 0
             kind = "lateral" if lateral else "frontal"
-            relative = f"{split}/patient{patient:05d}/study1/view{view}_{kind}.jpg"
+            relative = f"{split}/patient{patient:05d}/study1/view{view}_{kind}.{image_format}"
             positives = [k for k, c in enumerate(cells) if c in ("1.0", "-1.0")]
             image = finding_image(positives, len(CHEXPERT_OBSERVATIONS), rng, size)
             (base / relative).parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(image).save(base / relative, quality=95)
+            if image_format == "dcm":
+                write_dicom(base / relative, image)
+            else:
+                Image.fromarray(image).save(base / relative, quality=95)
             rows[split].append(
                 [
                     f"{folder}/{relative}",
@@ -122,4 +132,39 @@ def write_chexpert(
     return root
 
 
-__all__ = ["CHEXPERT_HEADER", "NIH_HEADER", "finding_image", "write_chexpert", "write_nih"]
+def write_dicom(path: str | Path, pixels: np.ndarray) -> Path:
+    """A minimal single-frame MONOCHROME2 DICOM file of ``pixels`` (uint8 or uint16, rows
+    first), readable by pydicom and MONAI's PydicomReader."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    path = Path(path)
+    if pixels.ndim != 2 or pixels.dtype not in (np.uint8, np.uint16):
+        raise ValueError(f"write_dicom takes a 2-D uint8/uint16 array, got {pixels.dtype}.")
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    bits = pixels.dtype.itemsize * 8
+    ds.SOPClassUID, ds.SOPInstanceUID = (
+        meta.MediaStorageSOPClassUID,
+        meta.MediaStorageSOPInstanceUID,
+    )
+    ds.Modality = "CR"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = bits, bits, bits - 1
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PixelRepresentation = 1, "MONOCHROME2", 0
+    ds.PixelData = np.ascontiguousarray(pixels).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+__all__ = [
+    "CHEXPERT_HEADER",
+    "NIH_HEADER",
+    "finding_image",
+    "write_chexpert",
+    "write_dicom",
+    "write_nih",
+]

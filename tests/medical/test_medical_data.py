@@ -6,6 +6,7 @@ import csv
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -19,7 +20,7 @@ from medical.data import (
     read_image,
     read_nih,
 )
-from medical.synthetic import NIH_HEADER, write_chexpert, write_nih
+from medical.synthetic import NIH_HEADER, write_chexpert, write_dicom, write_nih
 
 
 @pytest.fixture(scope="module")
@@ -205,27 +206,30 @@ def test_corrupt_image_names_file_and_row(tmp_path):
         read_image(record, 16)
 
 
-def test_dicom_input(tmp_path):
-    import numpy as np
-    import pydicom
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.MediaStorageSOPClassUID = generate_uid()
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds = FileDataset(str(tmp_path / "x.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
+def test_dicom_input_is_read_rows_first(tmp_path):
     pixels = np.zeros((20, 20), np.uint16)
     pixels[:, 10:] = 1000
-    ds.Rows, ds.Columns, ds.BitsAllocated, ds.BitsStored, ds.HighBit = 20, 20, 16, 16, 15
-    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PixelRepresentation = 1, "MONOCHROME2", 0
-    ds.PixelData = pixels.tobytes()
-    ds.save_as(tmp_path / "x.dcm", enforce_file_format=True)
-    del pydicom
+    pixels[:4, :] = 500  # a top band tells rows from columns
+    write_dicom(tmp_path / "x.dcm", pixels)
     image = read_image(Record(tmp_path / "x.dcm", "1", (0.0,), "list:1"), 20)
     gray = image[0] * 0.229 + 0.485
-    assert gray[:, :8].max() < 0.1 and gray[:, 12:].min() > 0.9
+    assert gray[6:, :8].max() < 0.1 and gray[6:, 12:].min() > 0.9
+    assert gray[:3, :8].min() > 0.4 and gray[:3, :8].max() < 0.6
+
+
+def test_dicom_and_png_folders_give_the_same_batches(tmp_path):
+    """The same generated CheXpert pixels stored as DICOM and as PNG load identically
+    through the data module (MONAI's PydicomReader vs PILReader)."""
+    batches = {}
+    for fmt in ("dcm", "png"):
+        root = write_chexpert(tmp_path / fmt, patients=6, valid_patients=2, image_format=fmt)
+        first = root / "CheXpert-v1.0-small" / "valid.csv"
+        assert f".{fmt}," in first.read_text().splitlines()[1]
+        data = CXRDataModule(str(root), "chexpert", image_size=24, val_fraction=0.2, batch_size=4)
+        batches[fmt] = next(iter(data.test_dataloader()))
+    for dicom, png in zip(batches["dcm"], batches["png"], strict=True):
+        assert torch.equal(dicom, png)
+    assert batches["dcm"][0].shape == (4, 3, 24, 24) and batches["dcm"][0].std() > 0.1
 
 
 def test_dicom_without_pydicom_says_what_to_install(tmp_path, monkeypatch):
@@ -244,10 +248,11 @@ def test_dicom_without_pydicom_says_what_to_install(tmp_path, monkeypatch):
         read_image(Record(tmp_path / "x.dcm", "1", (0.0,), "list:1"), 16)
 
 
-def test_leak_check_names_the_file():
-    a = Record(Path("a/1.png"), "p1", (0.0,), "x.csv:2")
-    b = Record(Path("b/2.png"), "p1", (0.0,), "y.csv:5")
+def test_leak_check_names_the_file_not_the_patient():
+    a = Record(Path("a/1.png"), "PID-4711", (0.0,), "x.csv:2")
+    b = Record(Path("b/2.png"), "PID-4711", (0.0,), "y.csv:5")
     with pytest.raises(
         DatasetError, match=r"1 patient\(s\) are in both train and test.*2.png \(y.csv:5\)"
-    ):
+    ) as caught:
         check_no_patient_leak({"train": [a], "test": [b]})
+    assert "PID-4711" not in str(caught.value)  # file names only, no patient identifier
