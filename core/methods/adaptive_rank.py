@@ -71,10 +71,13 @@ from ..errors import CheckpointError, ConfigError
 from ..layers import conv_forward, is_fan_in_fan_out
 from ..peft_format import PeftFormat, register_peft_format
 from ..registry import register
-from .lora import LORA_NEUTRAL, LoRAAdapter, layer_kind
+from .lora import LORA_NEUTRAL, LoRAAdapter, layer_kind, linear_weight
 
 SUPPORTED = "nn.Linear, transformers Conv1D, nn.Conv1d/2d/3d (groups=1, zero padding)"
 RESERVE_VALUE = 1e-5  # IncreLoRA's fixed singular value of a reserve component
+# IncreLoRA reads its importance EMA only when it allocates: a step whose EMA weight at the
+# next allocation is below this (beta^steps) cannot change the score a float32 can hold.
+IMPORTANCE_TOL = 1e-12
 
 
 def lowrank_reason(module: nn.Module, method: str) -> str | None:
@@ -644,8 +647,12 @@ class IncreLoRA(AdapterConfig):
     updates scaled from 1/restart_warmup up to 1 over ``restart_warmup`` steps, a linear
     learning-rate warmup of the new parameters. Orthogonality regulariser on the live
     components, averaged over all modules' A and B (``orth_reg_weight``). Starts as the
-    identity (E = 0). Cost: until the budget is reached the training forward materialises
-    dW (d x k) to read dL/d(dW), as the authors' code does; then it takes LoRA's fused path.
+    identity (E = 0). Cost: reading dL/d(dW) needs the dense dW (d x k) and its gradient
+    GEMM dY^T X, as in the authors' code; a linear layer then runs one GEMM with W + dW.
+    The score is only read at allocations and the EMA weighs a step n steps earlier by at
+    most max(beta1, beta2)^n, so only the steps within ``IncreLoRAController.history()`` of
+    an allocation (171 for beta 0.85: weight below 1e-12) record it; the others, and every
+    step once the budget is reached, take LoRA's fused path.
 
     What is not from the paper text (not available here): the restart warmup's form and
     length; the authors' code adds new parameter tensors and optimizer groups, we
@@ -779,13 +786,34 @@ class IncreLoRAAdapter(SVDAdapter):
     def tracking(self) -> bool:
         return self.track_importance and self.training and torch.is_grad_enabled()
 
-    def post(self, x: torch.Tensor, y: torch.Tensor, base: nn.Module) -> torch.Tensor:
-        if not self.tracking():
-            return super().post(x, y, base)
+    @property
+    def replaces_base(self) -> bool:
+        """While importance is tracked on a linear layer without dropout: the step needs the
+        dense dW and its gradient dY^T X anyway, so base and update run as one GEMM with
+        W + dW (three GEMMs per step, not five as for y + x dW^T)."""
+        return self.kind == "linear" and self.tracking() and isinstance(self.dropout, nn.Identity)
+
+    def tracked_delta(self) -> torch.Tensor:
+        """s B_eff A_eff in the base layout, recording sum |dW * grad dW| in the backward."""
         a, b = self.factors()
         delta = self.update_scale() * (b.flatten(1) @ a.flatten(1)).view(b.shape[0], *a.shape[1:])
         frozen = delta.detach()
         delta.register_hook(lambda grad: self._record(frozen, grad))
+        return delta
+
+    def run_base(self, x: torch.Tensor, base: nn.Module, *args: Any, **kwargs: Any):
+        delta, weight = self.tracked_delta(), linear_weight(base)
+        if weight.dtype == delta.dtype:
+            return F.linear(x, weight + delta, base.bias)
+        y = base(x)  # a half-precision base under a float32 adapter
+        return y + F.linear(x.to(delta.dtype), delta).to(y.dtype)
+
+    def post(self, x: torch.Tensor, y: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        if not self.tracking():
+            return super().post(x, y, base)
+        if self.replaces_base:  # already in run_base's output
+            return y
+        delta = self.tracked_delta()
         h = self.dropout(x.to(delta.dtype))
         update = F.linear(h, delta) if self.kind == "linear" else conv_forward(base, h, delta)
         return y + update.to(y.dtype)
@@ -822,9 +850,11 @@ class IncreLoRAController(Controller):
         self.warming: dict[str, tuple[int, int, int]] = {}  # path -> (start step, lo, hi)
         self.snapshots: dict[str, tuple[torch.Tensor, ...]] = {}
         self.reserves_made = False
+        self.step = 0  # the last optimizer step seen by after_step
+        self.built_for = adapters  # tracking for the next step is set on these
         for adapter in adapters.values():
             adapter.reg_scale = cfg.orth_reg_weight / (2 * len(adapters))
-        self._set_tracking(adapters)
+        self._set_tracking(adapters, next_step=1)
 
     def total_rank(self, adapters: dict[str, IncreLoRAAdapter]) -> int:
         return sum(a.active_rank() for a in adapters.values())
@@ -832,10 +862,30 @@ class IncreLoRAController(Controller):
     def growing(self, adapters: dict[str, IncreLoRAAdapter]) -> bool:
         return self.total_rank(adapters) < self.target
 
-    def _set_tracking(self, adapters: dict[str, IncreLoRAAdapter]) -> None:
-        growing = self.growing(adapters)
+    # -- when importance is tracked ------------------------------------------------------
+
+    def history(self) -> int:
+        """Steps before an allocation whose importance reaches it: the EMA weighs step
+        t - n by at most beta^n, below ``IMPORTANCE_TOL`` from n = history() on."""
+        beta = max(self.cfg.beta1, self.cfg.beta2)
+        return math.ceil(math.log(IMPORTANCE_TOL) / math.log(beta))
+
+    def next_allocation(self, step: int) -> int:
+        """The first allocation step (a multiple of incre_interval past init_warmup) >= step."""
+        interval = self.cfg.incre_interval
+        first = (self.cfg.init_warmup // interval + 1) * interval
+        return max(first, -(-step // interval) * interval)
+
+    def tracks(self, step: int) -> bool:
+        """Whether the forward of ``step`` must record importance: only the ``history()``
+        steps up to each allocation can change its scores, so the other steps skip the dense
+        dW and its d_out x d_in gradient GEMM (every step when history() >= incre_interval)."""
+        return self.next_allocation(step) - step < self.history()
+
+    def _set_tracking(self, adapters: dict[str, IncreLoRAAdapter], next_step: int) -> None:
+        on = self.growing(adapters) and self.tracks(next_step)
         for adapter in adapters.values():
-            adapter.track_importance = growing
+            adapter.track_importance = on
 
     def after_backward(self, model: nn.Module, step: int) -> None:
         adapters = self.adapters(model)
@@ -858,7 +908,8 @@ class IncreLoRAController(Controller):
             due = step > self.cfg.init_warmup and step % self.cfg.incre_interval == 0
             if due and self.growing(adapters):
                 self.grow(adapters, step)
-                self._set_tracking(adapters)
+        self.step = step
+        self._set_tracking(adapters, next_step=step + 1)
 
     # -- restart warmup: the step of a new component is scaled by (step - start) / R -----
 
@@ -952,12 +1003,15 @@ class IncreLoRAController(Controller):
             "importance": self.importance.state_dict(),
             "warming": {p: list(w) for p, w in self.warming.items()},
             "reserves_made": self.reserves_made,
+            "step": self.step,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.importance.load_state_dict(state.get("importance", {}))
         self.warming = {p: tuple(w) for p, w in state.get("warming", {}).items()}
         self.reserves_made = bool(state.get("reserves_made", self.reserves_made))
+        self.step = int(state.get("step", self.step))
+        self._set_tracking(self.built_for, next_step=self.step + 1)
 
 
 # ==========================================================================================

@@ -269,6 +269,38 @@ def test_increlora_scales_by_the_current_rank_and_runs_reserves_at_1e_5():
     torch.testing.assert_close(model(x), model[0].base_layer(x) + (4 / 3) * update)
 
 
+def test_increlora_tracked_step_is_one_gemm_with_w_plus_dw_and_records_its_importance():
+    model = linear_model(13, 11)
+    core.inject(model, IncreLoRA(init_r=2, target_r=4, alpha=4, targets=["0"]))
+    adapter = adapters_of(model)["0"]
+    with torch.no_grad():
+        adapter.E.normal_()
+        adapter.rank.fill_(3)
+        adapter.reserve.fill_(2)
+    model.train()
+    assert not adapter.replaces_base  # not tracking: LoRA's fused path
+    adapter.track_importance = True
+    assert adapter.replaces_base
+    base = model[0].base_layer
+    x = torch.randn(2, 5, 13, requires_grad=True)
+    upstream = torch.randn(2, 5, 11)
+    params = [x, adapter.A, adapter.B, adapter.E]
+    w = torch.cat([adapter.E[:3], torch.full((2,), 1e-5)])
+    dw = (4 / 3) * adapter.B[:, :5] @ (adapter.A[:5] * w[:, None])
+    want = base(x) + x @ dw.T
+    got = model(x)
+    torch.testing.assert_close(got, want)
+    for g, h in zip(
+        torch.autograd.grad(got, params, upstream),
+        torch.autograd.grad(want, params, upstream),
+        strict=True,
+    ):
+        torch.testing.assert_close(g, h)
+    grad_dw = torch.einsum("bto,bti->oi", upstream, x)  # dL/d(dW)
+    importance = (dw * grad_dw).abs().sum() / math.sqrt(dw.numel())
+    torch.testing.assert_close(adapter.take_importance(), importance.detach())
+
+
 def test_dynamic_dora_scores_are_component_norms_over_the_update_norm():
     model = linear_model(8, 7)
     core.inject(model, DynamicDoRA(r=2, init_r=3, targets=["0"]))

@@ -246,6 +246,76 @@ def test_increlora_reserves_learn_in_advance_and_new_components_warm_up():
     torch.testing.assert_close(adapter.A[0], old + 0.25)  # 1/4 of the step at warmup step 1
 
 
+def test_increlora_tracks_importance_only_in_the_steps_that_reach_an_allocation():
+    model = mlp()
+    core.inject(model, IncreLoRA(init_warmup=100, incre_interval=200, targets=TARGETS))
+    controller = controllers_for(model).controllers["default"]
+    assert controller.history() == math.ceil(math.log(1e-12) / math.log(0.85)) == 171
+    allocations = [a for a in range(1, 1500) if a > 100 and a % 200 == 0]
+    for step in range(1, 1001):
+        reaches = any(0 <= a - step < 171 for a in allocations)
+        assert controller.tracks(step) == reaches, step
+    assert not any(a.track_importance for a in adapters_of(model).values())  # step 1: no
+    model = mlp()
+    core.inject(model, IncreLoRA(init_warmup=0, incre_interval=100, targets=TARGETS))
+    controller = controllers_for(model).controllers["default"]
+    assert all(a.track_importance for a in adapters_of(model).values())
+    assert all(controller.tracks(step) for step in range(1, 400))  # history >= interval
+
+
+def increlora_run(steps, tracked):
+    """A float64 IncreLoRA run (history 40 steps, allocations at 50, 100); ``tracked``
+    records, per step, whether its forward recorded importance."""
+    model = mlp().double()
+    cfg = IncreLoRA(
+        init_r=1, target_r=3, add_rank=1, top_h=1, init_warmup=0, incre_interval=50,
+        beta1=0.5, beta2=0.5, restart_warmup=0, targets=TARGETS,
+    )  # fmt: skip
+    core.inject(model, cfg)
+    adapters = adapters_of(model)
+    controllers = controllers_for(model)
+    x, y = (t.double() for t in data())
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for step in range(1, steps + 1):
+        tracked.append(adapters["2"].track_importance)
+        F.mse_loss(model(x), y).backward()
+        controllers.after_backward(model, step)
+        optimizer.step()
+        controllers.after_step(model, step)
+        optimizer.zero_grad()
+    return model, controllers.controllers["default"]
+
+
+def test_increlora_scores_from_the_window_equal_scores_from_every_step(monkeypatch):
+    windowed: list[bool] = []
+    model, controller = increlora_run(100, windowed)
+    assert controller.history() == 40
+    assert [i for i, on in enumerate(windowed, start=1) if on] == [
+        *range(11, 51),
+        *range(61, 101),
+    ]
+    monkeypatch.setattr(type(controller), "tracks", lambda self, step: True)
+    always: list[bool] = []
+    reference, every = increlora_run(100, always)
+    assert all(always)
+    ranks = {p: a.active_rank() for p, a in adapters_of(model).items()}
+    assert ranks == {p: a.active_rank() for p, a in adapters_of(reference).items()}
+    assert sum(ranks.values()) == 5  # two allocations of one component each
+    for path in ranks:
+        torch.testing.assert_close(controller.score(path), every.score(path), rtol=1e-9, atol=0)
+
+
+def test_increlora_resumes_tracking_at_the_step_after_its_state():
+    model, controller = increlora_run(30, [])  # step 31 lies within 40 steps of step 50
+    adapters = adapters_of(model)
+    assert all(a.track_importance for a in adapters.values())
+    fresh = controllers_for(model).controllers["default"]  # assumes step 1: outside
+    assert not any(a.track_importance for a in adapters.values())
+    fresh.load_state_dict(controller.state_dict())
+    assert fresh.step == 30 and all(a.track_importance for a in adapters.values())
+
+
 # --- TriAdaptLoRA ---------------------------------------------------------------------------
 
 
