@@ -34,12 +34,14 @@ def stdlib_files(limit: int = 60) -> list[Path]:
     return sorted(p for p in root.glob("*.py") if p.stat().st_size > 2000)[:limit]
 
 
-def hunk(lines: list[str], start: int, old: list[str], new: list[str]) -> str:
-    """A unified-diff hunk: CONTEXT lines, the change, CONTEXT lines."""
-    before, after = lines[max(0, start - CONTEXT) : start], lines[start + 1 : start + 1 + CONTEXT]
+def hunk(
+    lines: list[str], start: int, old: list[str], new: list[str], context: int = CONTEXT
+) -> str:
+    """A unified-diff hunk: ``context`` lines, the change, ``context`` lines."""
+    before, after = lines[max(0, start - context) : start], lines[start + 1 : start + 1 + context]
     body = [f" {x}" for x in before] + [f"-{x}" for x in old] + [f"+{x}" for x in new]
     body += [f" {x}" for x in after]
-    a = max(0, start - CONTEXT) + 1
+    a = max(0, start - context) + 1
     n_old, n_new = len(before) + len(old) + len(after), len(before) + len(new) + len(after)
     return f"@@ -{a},{n_old} +{a},{n_new} @@\n" + "\n".join(body)
 
@@ -54,13 +56,13 @@ def candidates(path: Path) -> list[tuple[list[str], int, int]]:
     return found
 
 
-def make_examples(n: int, seed: int = 0) -> list[dict]:
+def make_examples(n: int, seed: int = 0, context: int = CONTEXT) -> list[dict]:
     """``n`` examples: half defect hunks (y = 1, with comment), half benign (y = 0)."""
     rng = random.Random(seed)
     pool = [c for f in stdlib_files() for c in candidates(f)]
     rng.shuffle(pool)
     out = []
-    for lines, i, d in pool[:n]:
+    for lines, i, d in balanced(pool, n):
         pattern, repl, comment = DEFECTS[d]
         good = lines[i]
         bad = re.sub(pattern, repl, good, count=1)
@@ -69,7 +71,7 @@ def make_examples(n: int, seed: int = 0) -> list[dict]:
         out.append(
             {
                 "oldf": "\n".join(lines[max(0, i - 20) : i + 20]),
-                "patch": hunk(lines, i, [good], [new]),
+                "patch": hunk(lines, i, [good], [new], context),
                 "y": int(defect),
                 "msg": comment if defect else "",
                 "old": "\n".join(f"-{x}" for x in lines[max(0, i - 2) : i] + [bad]),
@@ -80,10 +82,27 @@ def make_examples(n: int, seed: int = 0) -> list[dict]:
     return out
 
 
-def write_release(root: str | Path, sizes=(160, 24, 24), seed: int = 0) -> Path:
-    """Write the three task folders of the release under ``root``."""
+def balanced(pool: list[tuple[list[str], int, int]], n: int) -> list[tuple[list[str], int, int]]:
+    """``n`` candidates taking the defect kinds in turn (some patterns, e.g. ``return x``, are
+    far more common in real code; an unbalanced set lets "always the commonest comment"
+    score well)."""
+    by_kind: list[list] = [[c for c in pool if c[2] == d] for d in range(len(DEFECTS))]
+    picked, turn = [], 0
+    while len(picked) < n and any(by_kind):
+        kind = by_kind[(turn // 2) % len(by_kind)]  # pairs: a defect and a benign hunk
+        if kind:
+            picked.append(kind.pop())
+        turn += 1
+    return picked
+
+
+def write_release(
+    root: str | Path, sizes=(160, 24, 24), seed: int = 0, context: int = CONTEXT
+) -> Path:
+    """Write the three task folders of the release under ``root`` (hunks with ``context``
+    unchanged lines on each side of the edit)."""
     root = Path(root)
-    examples = make_examples(sum(sizes), seed)
+    examples = make_examples(sum(sizes), seed, context)
     start = 0
     for split, size in zip(("train", "valid", "test"), sizes, strict=True):
         part, start = examples[start : start + size], start + size

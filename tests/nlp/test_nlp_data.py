@@ -37,6 +37,31 @@ def test_byte_tokenizer_round_trips_any_text():
     assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, len(tok)) == (0, 1, 2, 260)
 
 
+def test_trained_bpe_round_trips_and_shortens_the_prompts(tmp_path, release):
+    from nlp.tokenizer import train_bpe
+
+    records = read_jsonl(split_files(release, "comment", "train")[0], "comment")
+    texts = [render_prompt(r, "comment") + response(r, "comment") for r in records]
+    tok = load_tokenizer(str(train_bpe(texts, 400, tmp_path / "bpe")))
+    assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, len(tok)) == (0, 1, 2, 400)
+    unseen = "def g(ω):\n\treturn ω  # never in the corpus"
+    for text in (texts[0], unseen):
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert tok.decode(ids) == text
+    assert len(tok(texts[0], add_special_tokens=False)["input_ids"]) < len(texts[0].encode()) / 2
+
+
+def test_synthetic_release_balances_the_defect_kinds(tmp_path):
+    from collections import Counter
+
+    from nlp.synth import DEFECTS, make_examples
+
+    examples = make_examples(4 * len(DEFECTS), context=1)
+    comments = Counter(e["msg"] for e in examples if e["y"] == 1)
+    assert sorted(comments.values()) == [2] * len(DEFECTS)
+    assert all(e["patch"].count("\n") == 4 for e in examples)  # header, 1 + - + 1 lines
+
+
 def test_release_files_parse_per_task(release):
     assert split_files(release, "necessity", "train")[0].name == "cls-train-chunk-0.jsonl"
     cls = read_jsonl(split_files(release, "necessity", "test")[0], "necessity")
@@ -99,6 +124,32 @@ def test_malformed_lines_name_file_line_and_field(tmp_path, line, message):
     with pytest.raises(DatasetError, match=message) as err:
         read_jsonl(path, "necessity")
     assert f"{path}:2" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("task", "record", "field"),
+    [
+        ("comment", {"patch": PATCH}, "msg"),
+        ("refine", {"old": "-a", "comment": "fix"}, "new"),
+        ("codegen", {"prompt": "def f():\n"}, "test"),
+    ],
+)
+def test_each_task_names_its_missing_field(tmp_path, task, record, field):
+    path = tmp_path / "x.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+    with pytest.raises(DatasetError, match=rf"{path}:1: missing field '{field}'"):
+        read_jsonl(path, task)
+
+
+def test_codegen_file_parsed_and_rendered(tmp_path):
+    row = {"prompt": "def add(a, b):\n", "test": "assert add(1, 2) == 3", "entry_point": "add",
+           "canonical_solution": "    return a + b\n"}  # fmt: skip
+    (tmp_path / "codegen-test.jsonl").write_text(json.dumps(row) + "\n")
+    (record,) = read_jsonl(split_files(tmp_path, "codegen", "test")[0], "codegen")
+    prompt = render_prompt(record, "codegen")
+    assert "Complete the given Python function." in prompt
+    assert prompt.endswith("### Input:\ndef add(a, b):\n\n\n### Response:\n")
+    assert response(record, "codegen") == "    return a + b\n"
 
 
 def test_missing_release_folder_is_a_clear_error(tmp_path):

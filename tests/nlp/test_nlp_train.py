@@ -102,6 +102,23 @@ def test_resume_continues_from_checkpoint(tmp_path, release):
     assert any(not torch.equal(trained[k], after[k]) for k in trained)
 
 
+def test_two_stage_tuning_starts_from_the_first_adapter(tmp_path, release):
+    """The paper's ablation: instruction-tune an adapter, then continue on the task."""
+    first = main(tiny_args(METHODS["lora"], release, tmp_path / "one"), run=False)
+    first.trainer.fit(first.model, datamodule=first.datamodule)
+    stage_one = first.model.adapter_state_dict()
+    args = tiny_args(METHODS["lora"], release, tmp_path / "two", "--data.task", "refine",
+                     "--model.init_adapter", str(first.model.exported_adapter))  # fmt: skip
+    second = main(args, run=False)
+    second.model.configure_model()
+    loaded = second.model.adapter_state_dict()
+    assert loaded.keys() == stage_one.keys()
+    assert all(torch.equal(loaded[k], stage_one[k]) for k in stage_one)
+    second.trainer.fit(second.model, datamodule=second.datamodule)
+    after = second.model.adapter_state_dict()
+    assert any(not torch.equal(after[k], stage_one[k]) for k in stage_one)
+
+
 @pytest.mark.parametrize(
     "cfg",
     [
