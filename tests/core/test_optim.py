@@ -11,6 +11,15 @@ from core.methods.spectral import SODA
 from core.optim import StiefelAdam, is_orthonormal, split_stiefel, stiefel_adam_for
 
 
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Tiny matrices: one thread avoids OpenMP threads spinning on a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def orthogonality_error(x: torch.Tensor) -> float:
     """|| X^T X - I ||_F for a tall X (X X^T for a wide one)."""
     m = x if x.shape[0] >= x.shape[1] else x.T

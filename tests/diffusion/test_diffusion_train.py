@@ -357,6 +357,19 @@ def test_cli_fit_resume_cache_and_sample(tiny, tmp_path):
     assert Image.open(out[0]).size == (2 * 16, 2 * 16)  # 2 images x (without, with)
 
 
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    """``make demo-diffusion`` in short: LoRA and SODA (Stiefel Adam) trained through the CLI
+    with the fixed-batch loss going down, grids written, LoRA exported and re-imported."""
+    from diffusion.demo import run
+
+    assert run(tmp_path, steps=4)
+    printed = capsys.readouterr().out
+    assert "lora: fixed-batch loss" in printed and "max ||Q^T Q - I||" in printed
+    assert len(list((tmp_path / "samples").glob("*.png"))) == 2
+    for fmt in export.FORMATS:
+        assert (tmp_path / f"lora_{fmt}.safetensors").stat().st_size > 0
+
+
 def test_metrics_fid_and_clip(tmp_path):
     import numpy as np
     import open_clip
