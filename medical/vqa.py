@@ -310,7 +310,12 @@ def write_tiny_llama(
         pad_token_id=3,
     )
     torch.manual_seed(seed)
-    LlamaForCausalLM(config).save_pretrained(folder)
+    model = LlamaForCausalLM(config)
+    # The final RMSNorm (frozen) fixes the hidden norm at sqrt(hidden); with the default
+    # 0.02-std head the logits then stay within about +-1.3, so no adapter below the head
+    # can make an answer likely. A pretrained head has large rows; std 0.2 stands in for it.
+    torch.nn.init.normal_(model.lm_head.weight, std=0.2)
+    model.save_pretrained(folder)
     return folder
 
 

@@ -1,7 +1,8 @@
 """Generated Med-VQA folders in the VQA-RAD, SLAKE and PathVQA layouts, and captions.
 
-Images show a bright disc on the left or right under noise; questions ask about the side
-(closed, yes/no) and the organ name (open), so a tiny model can learn the answers.
+Images show a bright disc under noise, on the left or right, at the height of one of four
+"organs"; questions ask about the side (closed, yes/no, and open) and the organ name (open),
+so every answer is in the image and a tiny model can learn them.
 """
 
 from __future__ import annotations
@@ -18,11 +19,14 @@ from .vqa_data import VQA_RAD_IMAGES, VQA_RAD_JSON
 ORGANS = ("lung", "liver", "brain", "kidney")
 
 
-def _image(rng: np.random.Generator, side: str, size: int) -> Image.Image:
+def _image(rng: np.random.Generator, side: str, size: int, organ: int = 0) -> Image.Image:
+    """Noise with a bright disc: left or right half by ``side``, and the row band of the
+    ``organ`` (one of four from top to bottom), so both open answers show in the image."""
     pixels = rng.normal(60, 15, (size, size, 3))
     cx = size // 4 if side == "left" else 3 * size // 4
+    cy = (organ % len(ORGANS) + 0.5) * size / len(ORGANS)
     yy, xx = np.mgrid[:size, :size]
-    pixels[(yy - size // 2) ** 2 + (xx - cx) ** 2 <= (size // 6) ** 2] += 150
+    pixels[(yy - cy) ** 2 + (xx - cx) ** 2 <= (size // 7) ** 2] += 150
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
@@ -48,7 +52,7 @@ def write_vqa_rad(
     for k in range(images):
         side = "left" if k % 2 else "right"
         name = f"synpic{1000 + k}.jpg"
-        _image(rng, side, size).save(root / VQA_RAD_IMAGES / name)
+        _image(rng, side, size, k).save(root / VQA_RAD_IMAGES / name)
         test = k >= images - test_images
         for j, (q, a, kind) in enumerate(_questions(k, side)):
             phrase = ("test_" if test else "") + ("para" if j % 2 else "freeform")
@@ -89,7 +93,7 @@ def write_slake(root: str | Path, images: int = 6, size: int = 32, seed: int = 0
             side = "left" if k % 2 else "right"
             name = f"xmlab{split}{k}/source.jpg"
             (base / "imgs" / name).parent.mkdir(parents=True, exist_ok=True)
-            _image(rng, side, size).save(base / "imgs" / name)
+            _image(rng, side, size, k).save(base / "imgs" / name)
             for q, a, kind in _questions(k, side):
                 entries.append(
                     {
@@ -125,7 +129,7 @@ def write_pathvqa(root: str | Path, images: int = 6, size: int = 32, seed: int =
         entries = []
         for k in range(images):
             side = "left" if k % 2 else "right"
-            _image(rng, side, size).save(base / "images" / split / f"{split}_{k:04d}.jpg")
+            _image(rng, side, size, k).save(base / "images" / split / f"{split}_{k:04d}.jpg")
             entries += [
                 {"image": f"{split}_{k:04d}", "question": q, "answer": a}
                 for q, a, _ in _questions(k, side)
@@ -141,7 +145,7 @@ def write_captions(root: str | Path, images: int = 12, size: int = 32, seed: int
     entries = []
     for k in range(images):
         side = "left" if k % 2 else "right"
-        _image(rng, side, size).save(root / "images" / f"roco_{k}.jpg")
+        _image(rng, side, size, k).save(root / "images" / f"roco_{k}.jpg")
         entries.append(
             {"image": f"images/roco_{k}.jpg", "caption": f"a {ORGANS[k % 4]} lesion on the {side}"}
         )
