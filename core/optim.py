@@ -202,7 +202,8 @@ class StiefelAdam(torch.optim.Optimizer):
         g = torch.stack([tall(p.grad) for p in params]).double()
         n, m = x.shape[-2:]
         keys = ("Y", "sY") if n == m else ("Y", "sY", "V", "sV")
-        buf = {k: torch.stack([s[k] for s in states]) for k in keys}
+        # float64 moments; a state loaded by load_state_dict arrives in the parameter's dtype
+        buf = {k: torch.stack([s[k] for s in states]).double() for k in keys}
         steps = x.new_tensor([s["step"] for s in states]).view(-1, *[1] * (x.dim() - 1))
         x = stiefel_adam_update(x, g, buf, steps, group)
         for i, (p, state) in enumerate(zip(params, states, strict=True)):

@@ -73,6 +73,26 @@ def test_a_start_off_the_manifold_is_projected_onto_it():
     assert orthogonality_error(q.detach()) < 1e-5
 
 
+def test_resuming_from_a_saved_state_continues_the_same_run():
+    def run(seeds, state=None, start=None):
+        q = nn.Parameter(torch.eye(6)[:, :4].clone() if start is None else start[0].clone())
+        b = nn.Parameter(torch.zeros(3) if start is None else start[1].clone())
+        opt = StiefelAdam([{"params": [q]}, {"params": [b], "stiefel": False}], lr=0.05)
+        if state is not None:
+            opt.load_state_dict(state)  # casts the float64 moments to float32
+        for seed in seeds:
+            gen = torch.Generator().manual_seed(seed)
+            q.grad, b.grad = torch.randn(6, 4, generator=gen), torch.randn(3, generator=gen)
+            opt.step()
+        return (q.detach(), b.detach()), opt.state_dict()
+
+    straight, _ = run(range(6))
+    half, state = run(range(3))
+    resumed, _ = run(range(3, 6), state=state, start=half)
+    for got, want in zip(resumed, straight, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
 def test_non_stiefel_groups_are_exactly_adamw():
     gen = torch.Generator().manual_seed(3)
     ours = [nn.Parameter(torch.randn(5, 3, generator=gen)), nn.Parameter(torch.randn(4))]
