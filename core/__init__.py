@@ -45,10 +45,14 @@ from .methods.scaling import IA3, SSF, BitFit, DiffFit, LNTuning
 from .methods.sparse import GPS, SPT, DiffPruning, prune, select
 from .methods.spectral import SODA, SVFT, FourierFT, SVFit
 from .methods.style import StyleInject
+from .optim import StiefelAdam, split_stiefel, stiefel_adam_for
 from .registry import METHODS
 from .report import ParamReport, param_report
 
 __all__ = [
+    "StiefelAdam",
+    "split_stiefel",
+    "stiefel_adam_for",
     "StyleInject",
     "AdaLoRA",
     "DiffoRA",
