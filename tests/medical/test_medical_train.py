@@ -235,3 +235,20 @@ def test_open_clip_tower_as_multilabel_classifier():
     loss = module.bce(logits, torch.ones(2, 5), torch.ones(2, 5))
     loss.backward()
     assert logits.shape == (2, 5) and module.model.head.weight.grad is not None
+
+
+def test_u_ignore_labels_get_no_gradient_through_the_loss(densenet_run):
+    """CheXpert's -1.0 under U-Ignore is masked: the loss does not depend on those logits."""
+    cli, _ = densenet_run
+    assert cli.datamodule.hparams.uncertainty == "ignore"
+    loader = cli.datamodule.train_dataloader()
+    images, labels, mask, _ = next(b for b in loader if (b[2] == 0).any())
+    logits = torch.randn(labels.shape, requires_grad=True)
+    cli.model.bce(logits, labels, mask).backward()
+    ignored = mask == 0
+    assert ignored.any() and torch.all(logits.grad[ignored] == 0)
+    assert torch.all(logits.grad[~ignored] != 0)
+    kept = torch.nn.functional.binary_cross_entropy_with_logits(
+        logits[~ignored].detach(), labels[~ignored]
+    )
+    assert cli.model.bce(logits.detach(), labels, mask).item() == pytest.approx(kept.item())

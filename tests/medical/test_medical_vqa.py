@@ -5,6 +5,7 @@ metrics, adapter-only checkpoints and the two-stage continuation."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -175,3 +176,14 @@ def test_token_merge_template_and_beam_generation(stage_runs):
 def test_vqa_datamodule_rejects_unknown_dataset():
     with pytest.raises(DatasetError, match="vqa-rad"):
         VQADataModule(dataset="vqarad")
+
+
+def test_vqa_image_that_fails_to_decode_names_file_and_question(tmp_path):
+    from medical.vqa_data import VQADataset
+
+    root = write_vqa_rad(tmp_path, images=2, test_images=1)
+    question = read_vqa_rad(root)["test"][0]
+    question.image.write_bytes(b"\xff\xd8 not a jpeg")
+    expected = re.escape(f"{question.source}: {question.image.name} cannot be decoded")
+    with pytest.raises(DatasetError, match=expected):
+        VQADataset([question], 32)[0]
