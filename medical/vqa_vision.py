@@ -86,26 +86,30 @@ def build_vision(
     kwargs: dict[str, Any],
 ) -> nn.Module:
     """The patch-token module of a timm ViT or an open_clip vision tower (see module doc)."""
-    if name.startswith(OPEN_CLIP_PREFIX):
-        # build_backbone adds a classifier head; Med-VQA keeps the tower only
+    clip = name.startswith(OPEN_CLIP_PREFIX)
+    try:
+        # build_backbone adds a classifier head (1 class for open_clip, none for timm);
+        # Med-VQA keeps the tower only
         model, _ = build_backbone(
             name,
-            num_classes=1,
+            num_classes=1 if clip else 0,
             image_size=image_size,
             pretrained=pretrained,
             checkpoint=checkpoint,
             kwargs=kwargs,
         )
-        return patch_tokens_module(model.visual)
-    model, _ = build_backbone(
-        name,
-        num_classes=0,
-        image_size=image_size,
-        pretrained=pretrained,
-        checkpoint=checkpoint,
-        kwargs=kwargs,
-    )
-    return patch_tokens_module(model)
+    except BackboneError as err:
+        raise BackboneError(_vision_flags(str(err))) from None
+    return patch_tokens_module(model.visual if clip else model)
+
+
+def _vision_flags(message: str) -> str:
+    """core's backbone errors name the classifier's flags; Med-VQA's are vision_*."""
+    for flag in ("checkpoint", "pretrained", "backbone_kwargs"):
+        target = "vision_kwargs" if flag == "backbone_kwargs" else f"vision_{flag}"
+        message = message.replace(f"--model.{flag}", f"--model.{target}")
+        message = message.replace(f"check {flag}", f"check {target}")
+    return message
 
 
 def merge_tokens(tokens: torch.Tensor, merge: int) -> torch.Tensor:

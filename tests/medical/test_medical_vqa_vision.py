@@ -170,3 +170,12 @@ def test_shipped_vqa_configs_name_real_arguments(config):
     assert vision.startswith("open_clip:") or timm.is_model(vision), vision
     if settings["model"]["method"]["init_args"]["targets"] == ["q_proj", "v_proj"]:
         assert settings["model"]["method"]["init_args"]["r"] == 64  # PeFoMed's LoRA
+
+
+def test_missing_tower_weights_name_the_vqa_flags():
+    with pytest.raises(BackboneError) as caught:
+        build_vision("open_clip:ViT-B-16", 32, True, None, {})
+    message = str(caught.value)
+    assert "no pretrained tag given" in message
+    assert "--model.vision_checkpoint" in message and "--model.vision_pretrained false" in message
+    assert "--model.checkpoint" not in message
