@@ -330,8 +330,9 @@ class KronLinearFunction(torch.autograd.Function):
     y viewed as (a, b): one thin GEMM T = X W2^T over all M c rows, then a batched (a, c) x
     (c, b) product added in place into the base GEMM's output. The backward mirrors it: dX
     gets dY W plus (scale W1^T dY_m) W2 added in place, dW2 is one thin GEMM and dW1 sums
-    the per-row products dY_m T_m^T. Nothing of size (M, a b) is made besides y and dx, and
-    no d_out x d_in matrix at all (the dense form's gradient GEMM dY^T X is never needed).
+    the per-row products dY_m T_m^T (T recomputed: one thin GEMM, so that only x is saved,
+    as for LoRA). Nothing of size (M, a b) is made besides y and dx, and no d_out x d_in
+    matrix at all (the dense form's gradient GEMM dY^T X is never needed).
     """
 
     @staticmethod
@@ -341,12 +342,12 @@ class KronLinearFunction(torch.autograd.Function):
         t = torch.mm(x.view(m * c, d), w2.t()).view(m, c, b)
         y.view(m, a, b).baddbmm_((w1 * scale).expand(m, a, c), t)
         ctx.scale = scale
-        ctx.save_for_backward(x, weight, w1, w2, t)
+        ctx.save_for_backward(x, weight, w1, w2)  # T is recomputed: (M, c b) is not kept
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, w1, w2, t = ctx.saved_tensors
+        x, weight, w1, w2 = ctx.saved_tensors
         need_x, need_w, need_bias, need_w1, need_w2 = ctx.needs_input_grad[:5]
         m, (a, c), (b, d) = x.shape[0], w1.shape, w2.shape
         dy = dy.contiguous()
@@ -360,6 +361,7 @@ class KronLinearFunction(torch.autograd.Function):
                 dx = torch.mm(dy, weight)
                 dx.view(m * c, d).addmm_(dt, w2)
         if need_w1:
+            t = torch.mm(x.view(m * c, d), w2.t()).view(m, c, b)
             dw1 = torch.bmm(dy3, t.transpose(1, 2)).sum(0).mul_(ctx.scale)
         if need_w:
             dweight = torch.mm(dy.t(), x)
