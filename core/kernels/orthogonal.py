@@ -241,49 +241,116 @@ def grid_rows(rows: torch.Tensor, ops: list[tuple[str, torch.Tensor]]) -> torch.
     return grid_apply(to_columns(rows, h * k), ops)[: rows.shape[1]].t()
 
 
-def _grid_states(xt: torch.Tensor, ops: list) -> list[torch.Tensor]:
-    """The input of every op (views of (H, K, M) buffers), recomputed without autograd."""
-    h, k = grid_shape(ops)
-    states = [xt.view(h, k, xt.shape[-1])]
-    for kind, blocks in ops[:-1]:
-        states.append(GRID_OPS[kind](states[-1], blocks))
-    return states
+class _Columns:
+    """The chain on token columns: state (H, K, M) views, token axis of stride 1. Any mix
+    of low and high ops; one transpose of x in and of d(x) out."""
 
+    @staticmethod
+    def enter(x: torch.Tensor, width: int) -> torch.Tensor:
+        return to_columns(x, width)
 
-def _grid_backward(states: list, ops: list, grad: torch.Tensor) -> tuple[torch.Tensor, list]:
-    """d(input) (H, K, M) and d(blocks) of each op from d(output) (H, K, M)."""
-    dblocks = [None] * len(ops)
-    for i in reversed(range(len(ops))):
-        kind, blocks = ops[i]
-        t = states[i]
+    @staticmethod
+    def first_state(saved: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+        return saved.view(*shape, saved.shape[-1])
+
+    @staticmethod
+    def run(kind: str, t: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+        return GRID_OPS[kind](t, blocks)
+
+    @staticmethod
+    def rows(t: torch.Tensor, d: int) -> torch.Tensor:
+        """The chain's output as (M, d) rows (a transposed view)."""
+        return t.reshape(-1, t.shape[-1])[:d].t()
+
+    @staticmethod
+    def grad_state(dy: torch.Tensor, weight: torch.Tensor, shape: tuple[int, int]):
+        dht = torch.mm(weight.t(), dy.t())  # (d, M): the columns of d(h)
+        width = shape[0] * shape[1]
+        if width != dht.shape[0]:
+            dht = torch.nn.functional.pad(dht, (0, 0, 0, width - dht.shape[0]))
+        return dht.view(*shape, dht.shape[-1])
+
+    @staticmethod
+    def back(kind, t, blocks, grad, need_input):
+        """(d(input) or None, d(blocks)) of one op from d(output)."""
         if kind == "low":
-            dblocks[i] = torch.bmm(grad, t.transpose(1, 2))
-            grad = torch.bmm(blocks.transpose(1, 2), grad)
-        else:
-            g = grad.transpose(0, 1)
-            dblocks[i] = torch.bmm(g, t.transpose(0, 1).transpose(1, 2))
-            grad = torch.bmm(blocks.transpose(1, 2), g).transpose(0, 1)
-    return grad, dblocks
+            dblocks = torch.bmm(grad, t.transpose(1, 2))
+            return (torch.bmm(blocks.transpose(1, 2), grad) if need_input else None), dblocks
+        g = grad.transpose(0, 1)
+        dblocks = torch.bmm(g, t.transpose(0, 1).transpose(1, 2))
+        if not need_input:
+            return None, dblocks
+        return torch.bmm(blocks.transpose(1, 2), g).transpose(0, 1), dblocks
+
+    @staticmethod
+    def input_grad(grad: torch.Tensor, d: int) -> torch.Tensor:
+        return grad.reshape(-1, grad.shape[-1])[:d].t()
+
+
+class _Rows:
+    """Low ops only (e.g. BOFT): state (H, M, K) views of token rows, each block's K
+    coordinates of stride 1, so x and d(x) keep their (M, d) layout (no transposes)."""
+
+    @staticmethod
+    def enter(x: torch.Tensor, width: int) -> torch.Tensor:
+        return x if width == x.shape[1] else torch.nn.functional.pad(x, (0, width - x.shape[1]))
+
+    @staticmethod
+    def first_state(saved: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+        return saved.view(saved.shape[0], *shape).transpose(0, 1)
+
+    @staticmethod
+    def run(kind: str, t: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(t, blocks.transpose(1, 2))
+
+    @staticmethod
+    def rows(t: torch.Tensor, d: int) -> torch.Tensor:
+        return t.transpose(0, 1).reshape(t.shape[1], -1)[:, :d]
+
+    @staticmethod
+    def grad_state(dy: torch.Tensor, weight: torch.Tensor, shape: tuple[int, int]):
+        dh = torch.mm(dy, weight)
+        width = shape[0] * shape[1]
+        if width != dh.shape[1]:
+            dh = torch.nn.functional.pad(dh, (0, width - dh.shape[1]))
+        return dh.view(dh.shape[0], *shape).transpose(0, 1)
+
+    @staticmethod
+    def back(kind, t, blocks, grad, need_input):
+        dblocks = torch.bmm(grad.transpose(1, 2), t)
+        return (torch.bmm(grad, blocks) if need_input else None), dblocks
+
+    @staticmethod
+    def input_grad(grad: torch.Tensor, d: int) -> torch.Tensor:
+        return grad.transpose(0, 1).reshape(grad.shape[1], -1)[:, :d]
+
+
+def _states(layout, saved: torch.Tensor, ops: list, shape: tuple[int, int]) -> list:
+    """The input of every op, recomputed without autograd."""
+    states = [layout.first_state(saved, shape)]
+    for kind, blocks in ops[:-1]:
+        states.append(layout.run(kind, states[-1], blocks))
+    return states
 
 
 class GridLinearFunction(torch.autograd.Function):
     """y = scale * (W (C_n ... C_1 x)) + bias for rows x (M, d), with the grid ops C_i.
 
-    Keeps only the columns x^T (and W h when ``scale`` trains, which its gradient needs);
-    the ops' inputs are recomputed in the backward (batched GEMMs of b columns per
-    coordinate, small next to the layer's own GEMM). The gradient for the layer input
-    comes out as (d, M) columns, returned as a transposed view.
+    Keeps only its copy of x (and W h when ``scale`` trains, which its gradient needs); the
+    ops' inputs are recomputed in the backward (batched GEMMs of k columns per coordinate,
+    small next to the layer's own GEMM). Chains of low ops run on token rows, others on
+    token columns (``_Rows`` / ``_Columns``).
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, scale, kinds, *blocks):
         ops = list(zip(kinds, blocks, strict=True))
-        h_rows, k = grid_shape(ops)
+        shape = grid_shape(ops)
+        layout = _Rows if all(kind == "low" for kind in kinds) else _Columns
         d = x.shape[1]
-        xt = to_columns(x, h_rows * k)
+        saved = layout.enter(x, shape[0] * shape[1])
         last = ops[-1]
-        ht = GRID_OPS[last[0]](_grid_states(xt, ops)[-1], last[1]).reshape(h_rows * k, -1)
-        h = ht[:d].t()
+        h = layout.rows(layout.run(last[0], _states(layout, saved, ops, shape)[-1], last[1]), d)
         keep_u = scale is not None and ctx.needs_input_grad[3]
         if scale is None:
             y = torch.mm(h, weight.t()) if bias is None else torch.addmm(bias, h, weight.t())
@@ -291,32 +358,34 @@ class GridLinearFunction(torch.autograd.Function):
         else:
             u = torch.mm(h, weight.t())
             y = u * scale if bias is None else torch.addcmul(bias, u, scale)
-        ctx.kinds, ctx.d = kinds, d
-        ctx.save_for_backward(xt, weight, scale, u if keep_u else None, *blocks)
+        ctx.kinds, ctx.d, ctx.shape, ctx.layout = kinds, d, shape, layout
+        ctx.save_for_backward(saved, weight, scale, u if keep_u else None, *blocks)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        xt, weight, scale, u, *blocks = ctx.saved_tensors
-        ops = list(zip(ctx.kinds, blocks, strict=True))
+        saved, weight, scale, u, *blocks = ctx.saved_tensors
+        ops, layout = list(zip(ctx.kinds, blocks, strict=True)), ctx.layout
         need = ctx.needs_input_grad
-        g = dy if scale is None else dy * scale
+        # d(h) = W^T (s dy): scale whichever is smaller, the weight or the output gradient.
+        scale_weight = scale is not None and dy.shape[0] > weight.shape[1]
+        g = dy if scale is None or scale_weight else dy * scale
         dscale = (dy * u).sum(0) if u is not None else None
         dbias = dy.sum(0) if need[2] else None
-        states = _grid_states(xt, ops)
+        states = _states(layout, saved, ops, ctx.shape)
         dweight = None
         if need[1]:
-            last = ops[-1]
-            ht = GRID_OPS[last[0]](states[-1], last[1]).reshape(xt.shape)
-            dweight = torch.mm(g.t(), ht[: ctx.d].t())
+            h = layout.rows(layout.run(ops[-1][0], states[-1], ops[-1][1]), ctx.d)
+            dweight = torch.mm((dy * scale if scale_weight else g).t(), h)
         if not (need[0] or any(need[5:])):
             return None, dweight, dbias, dscale, None, *[None] * len(blocks)
-        dht = torch.mm(weight.t(), g.t())  # (d, M): the columns of d(h)
-        width = xt.shape[0]
-        if width != ctx.d:
-            dht = torch.nn.functional.pad(dht, (0, 0, 0, width - ctx.d))
-        dxt, dblocks = _grid_backward(states, ops, dht.view(states[0].shape))
-        dx = dxt.reshape(width, -1)[: ctx.d].t() if need[0] else None
+        scaled = weight * scale[:, None] if scale_weight else weight
+        grad = layout.grad_state(g, scaled, ctx.shape)
+        dblocks = [None] * len(ops)
+        for i in reversed(range(len(ops))):
+            kind, op_blocks = ops[i]
+            grad, dblocks[i] = layout.back(kind, states[i], op_blocks, grad, i > 0 or need[0])
+        dx = layout.input_grad(grad, ctx.d) if need[0] else None
         return dx, dweight, dbias, dscale, None, *dblocks
 
 

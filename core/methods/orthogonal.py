@@ -9,18 +9,21 @@ OFT) does not grow with the number of tokens, no activation is touched twice, an
 writes exactly the weight the forward used. T starts as the identity, so every method starts
 as the frozen model.
 
-Training is the exception for OFT on linear layers: there the weight side needs the weight
-gradient's GEMM, dW' = dy^T x, as large as the layer's own. OFT then computes the same
-function on the activations, y = W (R^T x) + b (one block-diagonal pass over the inputs
-forward, two backward), as HF PEFT's OFT does; measured on CPU that is the cheaper one.
-BOFT keeps the weight side in training too: its output scale would keep an extra
-activation for its gradient, and m >= 2 factors cost m passes each way. A weight-side layer
-in training recomputes W' in its backward instead of keeping it (one small block product),
-so a step holds no weight-sized tensor per layer.
-
-The Cayley blocks and the block-diagonal / butterfly products run through
-``core.kernels`` (``cayley``, ``block_apply``, ``butterfly_apply``): Triton kernels on CUDA,
-their torch twins elsewhere; no dense d x d matrix is formed on either path.
+Training on linear layers is the exception: there the weight side needs the weight
+gradient's GEMM, dW' = dy^T x, as large as the layer's own. The same function is then
+computed on the activations, y = W (T^T x) + b, as HF PEFT's OFT does. OFT applies its
+block-diagonal R^T to the inputs. qGOFT and BOFT run T^T as a few "grid ops" of
+``core.kernels.grid_linear`` (each a batched product of small blocks over the token columns,
+fused with the layer's GEMM): BOFT's m factors multiply out to one block-diagonal op with
+blocks of b 2^(m-1), qGOFT's Givens stages to two or three ops whose blocks are about
+sqrt(d) wide (``GivensGrid``). Their blocks are read off the per-row maps by applying them
+to a few probe rows (``blocks_from_probes``), so no dense d x d matrix is formed. BOFT's
+output scale s needs W h for its gradient, one (tokens, out) activation: BOFT takes the
+activation side while that is no larger than what HF PEFT's BOFT keeps per layer, and the
+weight side otherwise. A weight-side layer in training recomputes W' in its backward
+instead of keeping it (one small block product), so a step holds no weight-sized tensor
+per layer. Without gradients, qGOFT and BOFT take the side with fewer rows to transform
+(tokens or out).
 
 OFT (Qiu et al., NeurIPS 2023, "Controlling Text-to-Image Diffusion by Orthogonal
 Finetuning"): T = R = diag(R_1, ..., R_r), r blocks of size b (r * b = d). Each block is the
@@ -808,44 +811,49 @@ class QGOFTAdapter(RowTransformAdapter):
         whichever side has fewer rows to transform."""
         return torch.is_grad_enabled() or x.numel() // self.d < self.out
 
-    def angle_tables(self, grid: GivensGrid) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per stage and padded pair slot, the block's columns as (2, width/2) tables:
-        cos = [cos t, cos(t + p)], sin = [-sin(t + p), sin t]; identity in unused slots."""
+    def angle_tables(self, grid: GivensGrid) -> torch.Tensor:
+        """Every block entry of every stage, flat: [cos t, -sin(t + p), sin t, cos(t + p)]
+        (the entries (i, i), (i, j), (j, i), (j, j) of the pair's block) over (stage, slot)
+        of the padded width; unused slots get angle 0, the identity."""
         half = grid.padded // 2
         slots = self.cached(
             ("slots", half), self.theta.device, lambda: [slot_index(self.sizes, half)]
         )
 
         def spread(angles: torch.Tensor) -> torch.Tensor:
-            full = angles.new_zeros(len(self.sizes) * half)
-            return full.index_copy(0, slots[0], angles).view(len(self.sizes), half)
+            return angles.new_zeros(len(self.sizes) * half).index_copy(0, slots[0], angles)
 
         theta = spread(self.theta)
-        turned = theta if self.phi is None else theta + spread(self.phi)
         c1, s1 = theta.cos(), theta.sin()
-        c2, s2 = (c1, s1) if self.phi is None else (turned.cos(), turned.sin())
-        return torch.stack([c1, c2], 1), torch.stack([-s2, s1], 1)
+        if self.phi is None:
+            return torch.cat([c1, -s1, s1, c1])
+        turned = theta + spread(self.phi)
+        return torch.cat([c1, -turned.sin(), s1, turned.cos()])
 
     def grid_ops(self, train: bool = False) -> list[tuple[str, torch.Tensor]]:
         """T^T = G_1^T ... G_L^T N as a few grid ops: consecutive stages of bits below
-        log2 k are one low op, the others one high op (``GivensGrid``); each op's blocks are
-        the stages applied to probe rows, N folded into the op that comes first on x."""
+        log2 k are one low op, the others one high op (``GivensGrid``). Each stage's blocks
+        are written densely (one index_copy per group), multiplied out per group (small
+        batched GEMMs) and transposed; N is folded into the op that comes first on x."""
         grid = givens_grid(self.d)
-        cos, sin = self.angle_tables(grid)
-        dtype, device = self.theta.dtype, self.theta.device
+        entries = self.angle_tables(grid)
+        plans = self.cached("plans", self.theta.device, lambda: stage_block_plans(self.d))
         ops = []
-        for number, (kind, stages) in enumerate(grid.groups):
-            probes = self.cached(
-                ("probes", kind, dtype),
-                device,
-                lambda kind=kind: [probe_rows(kind, grid.padded, grid.k, dtype)],
-            )
-            rows = probes[0]
-            for stage in stages:
-                rows = givens_on_rows(rows, cos[stage], sin[stage], grid.bits[stage])
+        for number, ((kind, stages), dst, src) in enumerate(
+            zip(grid.groups, plans[0::2], plans[1::2], strict=True)
+        ):
+            n, q = (grid.rows, grid.k) if kind == "low" else (grid.k, grid.rows)
+            mats = entries.new_zeros(len(stages) * n * q * q)
+            mats = mats.index_copy(0, dst, entries.index_select(0, src)).view(-1, n, q, q)
+            product = mats[0]
+            for mat in mats[1:]:  # rotate order: the group's first stage acts first
+                product = torch.bmm(mat, product)
+            blocks = product.transpose(1, 2)
             if number == len(grid.groups) - 1 and self.norm is not None:
-                rows = rows * F.pad(self.norm, (0, grid.padded - self.d), value=1.0)
-            ops.append((kind, blocks_from_probes(kind, rows, grid.k, grid.rows)))
+                norm = F.pad(self.norm, (0, grid.rows * grid.k - self.d), value=1.0)
+                norm = norm.view(grid.rows, grid.k)
+                blocks = blocks * (norm[:, None, :] if kind == "low" else norm.t()[:, None, :])
+            ops.append((kind, blocks))
         return ops[::-1]
 
     def rotate_stages(
@@ -920,16 +928,37 @@ def slot_index(sizes: list[int], half: int) -> torch.Tensor:
     return torch.cat([k * half + torch.arange(n) for k, n in enumerate(sizes)])
 
 
-def givens_on_rows(
-    rows: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bit: int
-) -> torch.Tensor:
-    """One stage on rows of the padded width: slot (a, b) is the pair (i, i + 2^s) with
-    i = a 2^(s+1) + b; new = [[c1, -s2], [s1, c2]] [w_i, w_j] per slot, in four ops."""
-    n, width = rows.shape
-    a, b = width >> (bit + 1), 1 << bit
-    pairs = rows.view(n, a, 2, b)
-    cos, sin = cos.view(2, a, b).transpose(0, 1), sin.view(2, a, b).transpose(0, 1)
-    return (pairs * cos + pairs.flip(2) * sin).reshape(n, width)
+def stage_block_plans(d: int) -> list[torch.Tensor]:
+    """Per group of ``givens_grid(d)``: where each stage's block entries go in its dense
+    (stages, n, q, q) blocks (low: n = H grid rows of q = k; high: n = k columns of q = H)
+    and which entry of ``QGOFTAdapter.angle_tables`` each is. Entries outside the grid
+    belong to pairs with a partner >= d, which stay the identity and never touch the rest."""
+    grid = givens_grid(d)
+    half, stages = grid.padded // 2, len(grid.bits)
+    plans: list[torch.Tensor] = []
+    for kind, positions in grid.groups:
+        dst, src = [], []
+        for local, stage in enumerate(positions):
+            bit = grid.bits[stage]
+            slot = torch.arange(half)
+            i = ((slot >> bit) << (bit + 1)) | (slot & ((1 << bit) - 1))
+            j = i + (1 << bit)
+            for entry, (row, col) in enumerate(((i, i), (i, j), (j, i), (j, j))):
+                if kind == "low":  # block row // k, entry (row % k, col % k)
+                    block, r, c, n, q = row // grid.k, row % grid.k, col % grid.k, grid.rows, grid.k
+                else:  # column row % k, entry (row // k, col // k)
+                    block, r, c, n, q = (
+                        row % grid.k,
+                        row // grid.k,
+                        col // grid.k,
+                        grid.k,
+                        grid.rows,
+                    )
+                keep = (block < n) & (r < q) & (c < q)
+                dst.append((((local * n + block) * q + r) * q + c)[keep])
+                src.append(((entry * stages + stage) * half + slot)[keep])
+        plans += [torch.cat(dst), torch.cat(src)]
+    return plans
 
 
 def givens_stage(

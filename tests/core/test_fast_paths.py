@@ -341,28 +341,38 @@ def dense_grid(kind: str, blocks: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("with_scale", [True, False], ids=["scaled", "unscaled"])
 @pytest.mark.parametrize("d", [10, 12], ids=["padded", "exact"])
-def test_grid_linear_equals_dense_products_with_every_gradient(with_scale, d):
+@pytest.mark.parametrize("rows", [7, 20], ids=["few_rows", "many_rows"])
+@pytest.mark.parametrize("chain", ["mixed", "low_only"])
+def test_grid_linear_equals_dense_products_with_every_gradient(with_scale, d, rows, chain):
     """y = s * (W (C_3 C_2 C_1 x)) + b with C_i block-diagonal along the rows (low) or the
-    columns (high) of a 3 x 4 coordinate grid; d = 10 leaves the last two zero-padded."""
+    columns (high) of a 3 x 4 coordinate grid; d = 10 leaves the last two zero-padded.
+    With more rows than d the backward scales W instead of dy; a chain of low ops only
+    runs on token rows instead of token columns."""
     h, k = 3, 4
+    high_shape = (k, h, h) if chain == "mixed" else (h, k, k)
     x, w, bias, scale, low, high, low2 = leaves(
-        (7, d), (5, d), (5,), (5,), (h, k, k), (k, h, h), (h, k, k)
+        (rows, d), (5, d), (5,), (5,), (h, k, k), high_shape, (h, k, k)
     )
     scale = scale if with_scale else None
-    ops = [("high", high), ("low", low), ("low", low2)]
-    fused = grid_linear(x, w, bias, scale, ops)
-    total = torch.eye(h * k, dtype=torch.float64)
-    for kind, blocks in ops:
-        total = dense_grid(kind, blocks) @ total
-    padded = F.pad(x, (0, h * k - d))
-    plain = F.linear((padded @ total.T)[:, :d], w, bias if scale is None else None)
-    if scale is not None:
-        plain = plain * scale + bias
+    ops = [("high" if chain == "mixed" else "low", high), ("low", low), ("low", low2)]
+
+    def plain_formula(rows: torch.Tensor) -> torch.Tensor:
+        total = torch.eye(h * k, dtype=torch.float64)
+        for kind, blocks in ops:
+            total = dense_grid(kind, blocks) @ total
+        mixed = (F.pad(rows, (0, h * k - d)) @ total.T)[:, :d]
+        out = F.linear(mixed, w, bias if scale is None else None)
+        return out if scale is None else out * scale + bias
+
+    fused, plain = grid_linear(x, w, bias, scale, ops), plain_formula(x)
     torch.testing.assert_close(fused, plain)
     inputs = [t for t in (x, w, bias, scale, low, high, low2) if t is not None]
     for got, want in zip(grads(fused, inputs), grads(plain, inputs), strict=True):
         torch.testing.assert_close(got, want)
     torch.testing.assert_close(grid_linear_plain(x, w, bias, scale, ops), plain)
+    frozen, plain = grid_linear(x.detach(), w, bias, scale, ops), plain_formula(x.detach())
+    for got, want in zip(grads(frozen, inputs[1:]), grads(plain, inputs[1:]), strict=True):
+        torch.testing.assert_close(got, want)  # no d(x) asked: the other grads unchanged
 
 
 @pytest.mark.parametrize("d", [12, 33, 64], ids=["12", "odd", "power_of_two"])
