@@ -2,8 +2,9 @@
 
     python -m audio.demo [--out DIR]
 
-1. Synthesises spoken keywords with eSpeak NG (``espeakng-loader``) at five voices, three
-   rates and three pitches into a Speech Commands v2 folder (list files split by voice).
+1. Synthesises eight spoken keywords with eSpeak NG (``espeakng-loader``) in 16 voices (four
+   English accents x four voice variants), three rates and three pitches into a Speech
+   Commands v2 folder; the list files hold out two voices for validation and two for test.
 2. Stage 1: trains a small AST built from a config on the first half of the words (full
    fine-tuning, as no weights can be downloaded) and saves it in transformers format.
 3. Stage 2: loads it as ``--model.pretrained`` and trains a parallel bottleneck adapter
@@ -25,11 +26,12 @@ import torch
 
 import core
 
-from .speech import write_keyword_folder
+from .speech import DEMO_VOICES, write_keyword_folder
 from .train import fit_and_test
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "audio"
 WORDS = ("yes", "no", "up", "down", "left", "right", "stop", "go")
+HELD_OUT = 2  # voices for validation, and as many for test
 TINY = {
     "hidden_size": 64,
     "num_hidden_layers": 2,
@@ -58,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or Path(tempfile.mkdtemp(prefix="omnipeft-audio-demo-"))
     start = time.perf_counter()
     torch.set_num_threads(1)
-    full = write_keyword_folder(out / "speech", WORDS)
+    full = write_keyword_folder(out / "speech", WORDS, voices=DEMO_VOICES, held_out=HELD_OUT)
     source = subset(full, WORDS[:4], out / "source")
     target = subset(full, WORDS[4:], out / "target")
     print(f"synthesised {len(list(full.glob('*/*.wav')))} spoken keywords under {full}")
@@ -109,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     print(core.param_report(cli.model.model))
     counts = cli.model.parameter_counts()
     print(
-        f"\ntest accuracy on held-out voice: {100 * r2['test_acc']:.1f}% "
+        f"\ntest accuracy on held-out voices: {100 * r2['test_acc']:.1f}% "
         f"({counts['trainable_without_head']:,} adapter + norm and {counts['head']:,} head "
         f"parameters trained of {counts['total']:,})"
     )

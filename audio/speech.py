@@ -20,6 +20,14 @@ _CALLBACK = ctypes.CFUNCTYPE(
 )
 _LOCK = threading.Lock()
 
+# The demo's 16 eSpeak NG voices: four English accents x four voice variants, ordered so
+# that the last voices (validation and test speakers) are each an accent and a variant heard
+# in training, but never that combination. Variants without eSpeak's random breath noise
+# (not f2, f3, f5), so every run synthesises the same clips.
+DEMO_ACCENTS = ("en", "en-us", "en-gb-x-rp", "en-029")
+DEMO_VARIANTS = ("m1", "f1", "m3", "f4")
+DEMO_VOICES = tuple(f"{DEMO_ACCENTS[i % 4]}+{DEMO_VARIANTS[(i + i // 4) % 4]}" for i in range(16))
+
 
 class SpeechError(OmniPeftError, RuntimeError):
     """eSpeak NG is missing or failed."""
@@ -95,18 +103,26 @@ def write_keyword_folder(
     root: str | Path,
     words: Sequence[str],
     *,
-    voices: Sequence[str] = ("en", "en-us", "en+f3", "en+m3", "en-gb-x-rp"),
+    voices: Sequence[str] = ("en", "en-us", "en+f4", "en+m3", "en-gb-x-rp"),
     rates: Sequence[int] = (130, 170, 210),
     pitches: Sequence[int] = (30, 50, 75),
     noise_db: float = -30.0,
+    held_out: int = 1,
     seed: int = 0,
 ) -> Path:
     """A Speech Commands v2-format folder of spoken ``words``: ``<word>/<speaker>_nohash_<i>.wav``
     (1 s, 16 kHz, 16-bit), one "speaker" per voice, and ``validation_list.txt`` /
-    ``testing_list.txt`` splitting by speaker as the real dataset does (last voice: test,
-    second to last: validation), plus a ``_background_noise_`` folder."""
+    ``testing_list.txt`` splitting by speaker as the real dataset does (the last ``held_out``
+    voices: test, the ``held_out`` before them: validation), plus a ``_background_noise_``
+    folder. Voice variants with breath noise (``+f2``, ``+f3``, ``+f5``) differ from run to
+    run; the others synthesise the same samples every time."""
     import soundfile
 
+    if not (held_out >= 1 and 2 * held_out < len(voices)):
+        raise SpeechError(
+            f"held_out={held_out} voices each for validation and test leaves no training voice "
+            f"of {len(voices)}; give more voices or a smaller held_out."
+        )
     engine = ESpeak.get()
     rng = np.random.default_rng(seed)
     root = Path(root)
@@ -122,9 +138,9 @@ def write_keyword_folder(
                 wave = wave + rng.normal(0, 10 ** (noise_db / 20), wave.shape).astype(np.float32)
                 relative = f"{word}/{speaker}_nohash_{i}.wav"
                 soundfile.write(root / relative, np.clip(wave, -1, 1), 16000, subtype="PCM_16")
-                if s == len(voices) - 1:
+                if s >= len(voices) - held_out:
                     test.append(relative)
-                elif s == len(voices) - 2:
+                elif s >= len(voices) - 2 * held_out:
                     val.append(relative)
     (root / "validation_list.txt").write_text("\n".join(val) + "\n")
     (root / "testing_list.txt").write_text("\n".join(test) + "\n")
@@ -143,4 +159,4 @@ def _to_16k(wave: np.ndarray, rate: int) -> np.ndarray:
     return torchaudio.functional.resample(torch.from_numpy(wave), rate, 16000).numpy()
 
 
-__all__ = ["ESpeak", "SpeechError", "fit_to_second", "write_keyword_folder"]
+__all__ = ["DEMO_VOICES", "ESpeak", "SpeechError", "fit_to_second", "write_keyword_folder"]
