@@ -16,7 +16,9 @@
   sacrebleu's ``add-k`` with k = 1; where t >= r and t >= 4 (brevity penalty 1 in all
   three) the sentence score equals nltk's ``sentence_bleu`` with method2 and sacrebleu's
   ``sentence_bleu(smooth_method="add-k", smooth_value=1)`` (the tests check both).
-  The stop-word list is the benchmark's own, shipped as ``codereviewer_stopwords.txt``.
+  Stop words: by default scikit-learn's English list (318 words); the benchmark's figures
+  use its evaluator's own ``stopwords.txt`` (592 entries), which a user who has the
+  CodeReviewer release passes as ``--stopwords`` (the project ships no copy of it).
 * Refinement: exact match after whitespace normalisation; CodeBLEU (Ren et al., 2020)
   optionally, through the ``codebleu`` package.
 * Code generation: the unbiased pass@k of Chen et al., 2021 ("Evaluating Large Language
@@ -42,7 +44,6 @@ YES, NO = "yes", "no"
 MAX_ORDER = 4
 _WORDPUNCT = re.compile(r"\w+|[^\w\s]+")  # nltk.WordPunctTokenizer's pattern
 _WORD_OR_CHAR = re.compile(r"\w+|[^\w\s]")  # words, and punctuation one char at a time
-STOPWORDS_FILE = Path(__file__).with_name("codereviewer_stopwords.txt")
 EXTRA_METRICS = ("codebleu",)
 
 
@@ -69,14 +70,28 @@ def wordpunct_tokenize(text: str) -> list[str]:
 
 @lru_cache(maxsize=4)
 def load_stopwords(path: str | None = None) -> frozenset[str]:
-    """Stop words, one per line ('#' lines are comments): ``path``, else the CodeReviewer
-    benchmark's list shipped with this package (``codereviewer_stopwords.txt``)."""
-    source = Path(path) if path else STOPWORDS_FILE
+    """Stop words, one per line ('#' lines are comments) from ``path`` (e.g. the CodeReviewer
+    evaluator's ``stopwords.txt``, to reproduce its figures), else scikit-learn's English
+    list."""
+    if path is None:
+        return default_stopwords()
+    source = Path(path)
     if not source.is_file():
         raise MetricError(f"stop-word file {source} does not exist; give one word per line.")
     with open(source, encoding="utf-8") as handle:
         words = (line.strip() for line in handle)
         return frozenset(w for w in words if w and not w.startswith("#"))
+
+
+def default_stopwords() -> frozenset[str]:
+    try:
+        from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+    except ImportError as err:
+        raise MetricError(
+            "BLEU without stop words needs a stop-word list: pass --stopwords FILE (one word "
+            "per line) or install scikit-learn (pip install 'omnipeft[nlp]')."
+        ) from err
+    return frozenset(ENGLISH_STOP_WORDS)
 
 
 def bleu_tokens(text: str, stopwords: frozenset[str] | None = None) -> list[str]:
