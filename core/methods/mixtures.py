@@ -810,24 +810,44 @@ def mpo_expert_matrices(
     right: torch.Tensor,
     *,
     minus: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``mpo_contract`` of [left aux..., central, right aux...] for every expert, (E, I, J),
-    with a shared (expert-free) central tensor.
+) -> list[torch.Tensor]:
+    """``mpo_contract`` of [left aux..., central, right aux...] for each expert, a list of
+    (I, J) matrices, with a shared (expert-free) central tensor.
 
-    Two GEMMs instead of a chain of einsums over the full-size tensor: all experts' left
-    blocks times the central tensor in one ``mm`` (E I_L J_L x d_{c-1}) @ (d_{c-1} x
-    i_c j_c d_c), then a batched ``bmm`` with each expert's right block; both outputs
-    are contiguous, and one copy puts the row and column factors in matrix order.
-    ``minus`` (I, J) is subtracted in place from that fresh copy."""
-    e, il, jl, a = left.shape
-    _, ic, jc, b = central.shape
-    _, _, ir, jr = right.shape
-    mixed = left.reshape(e * il * jl, a) @ central.reshape(a, ic * jc * b)
-    full = torch.bmm(mixed.view(e, il * jl * ic * jc, b), right.reshape(e, b, ir * jr))
-    full = BlockPermute.apply(full.view(e, il, jl, ic, jc, ir, jr), (0, 1, 3, 5, 2, 4, 6))
-    if minus is not None:  # on the copy itself, not a view of it (no CopySlices in backward)
-        full = full.sub_(minus.view(il, ic, ir, jl, jc, jr))
-    return full.view(e, il * ic * ir, jl * jc * jr)
+    Two GEMMs per expert instead of a chain of einsums over the full-size tensor: its
+    left block times the central tensor (I_L J_L x d_{c-1}) @ (d_{c-1} x i_c j_c d_c),
+    then that times its right block (... x d_c) @ (d_c x I_R J_R); both outputs are
+    contiguous, and one copy puts the row and column factors in matrix order. Per expert,
+    not batched: ``bmm`` with this skinny shape runs ~3x slower on CPU than a loop of
+    ``mm``, and split / unbind outputs would cost a full-size stack in backward.
+    ``minus`` (the same contraction of other tensors, in ``mpo_blocks`` layout) is
+    subtracted inside the second GEMM (``addmm`` with beta = -1: no extra pass)."""
+    sizes = (left.shape[1], left.shape[2], *central.shape[1:3], *right.shape[2:])
+    return [
+        blocks_to_matrix(mpo_blocks(left[e], central, right[e], minus=minus), sizes)
+        for e in range(left.shape[0])
+    ]
+
+
+def blocks_to_matrix(blocks: torch.Tensor, sizes: tuple[int, ...]) -> torch.Tensor:
+    """``mpo_blocks`` layout (I_L, J_L, i_c, j_c, I_R, J_R) -> the (I_L i_c I_R, J_L j_c
+    J_R) matrix, one copy (``BlockPermute``)."""
+    il, jl, ic, jc, ir, jr = sizes
+    matrix = BlockPermute.apply(blocks.reshape(sizes), (0, 2, 4, 1, 3, 5))
+    return matrix.view(il * ic * ir, jl * jc * jr)
+
+
+def mpo_blocks(
+    left: torch.Tensor, central: torch.Tensor, right: torch.Tensor, *, minus=None
+) -> torch.Tensor:
+    """One expert's MPO in GEMM order, (I_L J_L i_c j_c, I_R J_R), minus ``minus``."""
+    il, jl, a = left.shape
+    b = central.shape[-1]
+    mixed = left.reshape(il * jl, a) @ central.reshape(a, -1)
+    side = right.reshape(b, -1)
+    if minus is None:
+        return mixed.view(-1, b) @ side
+    return torch.addmm(minus, mixed.view(-1, b), side, beta=-1)
 
 
 # Integer / complex types whose one element spans n bytes, to move n-byte runs as one.
@@ -944,7 +964,8 @@ class MPOEAdapter(MixtureAdapter):
             if k != self.centre
         )
         self.register_buffer("central", torch.zeros(shapes[self.centre], **opts), persistent=False)
-        self.register_buffer("initial", torch.zeros(out_f, in_f, **opts), persistent=False)
+        # W_0 in ``mpo_blocks`` layout, subtracted inside the experts' last GEMM
+        self.register_buffer("initial_blocks", torch.zeros(out_f * in_f, **opts), persistent=False)
         self.router = Router(in_f, cfg.num_experts, top_k=cfg.top_k, renormalize=False, opts=opts)
 
     def on_attach(self, base: nn.Module) -> None:
@@ -959,52 +980,68 @@ class MPOEAdapter(MixtureAdapter):
             for param, tensor in zip(self.aux, sides, strict=True):
                 param.copy_(tensor.to(dtype).expand_as(param))
             # W_0 by the very sums ``deltas`` runs, so the update starts at exactly zero
-            self.initial = self.expert_matrices([p[:1] for p in self.aux])[0]
+            left, right = self.side_blocks([p[:1] for p in self.aux])
+            self.initial_blocks = mpo_blocks(left[0], self.central, right[0])
 
     def tensors(self) -> list[torch.Tensor]:
         """The local tensors with an expert axis on the auxiliary ones."""
         sides = list(self.aux)
         return sides[: self.centre] + [self.central] + sides[self.centre :]
 
-    def deltas(self) -> torch.Tensor:
-        """W_e - W_0 for every expert, (E, d_out, d_in): ``mpo_contract(self.tensors())``
-        minus W_0, computed by ``mpo_expert_matrices`` (the same sums in GEMM order)."""
-        return self.expert_matrices(list(self.aux), minus=self.initial)
+    @property
+    def initial(self) -> torch.Tensor:
+        """W_0 (d_out, d_in), the MPO of the initial tensors."""
+        c = self.centre
+        sizes = (
+            math.prod(self.out_factors[:c]),
+            math.prod(self.in_factors[:c]),
+            self.out_factors[c],
+            self.in_factors[c],
+            math.prod(self.out_factors[c + 1 :]),
+            math.prod(self.in_factors[c + 1 :]),
+        )
+        return blocks_to_matrix(self.initial_blocks, sizes)
 
-    def expert_matrices(self, sides: list[torch.Tensor], **options: Any) -> torch.Tensor:
-        """The MPO of auxiliary tensors ``sides`` (expert axis first) around the central."""
+    def deltas(self, experts: list[int] | None = None) -> list[torch.Tensor]:
+        """W_e - W_0 (d_out, d_in) for the given experts (default all):
+        ``mpo_contract(self.tensors())[e] - W_0`` computed by ``mpo_expert_matrices``."""
+        sides = list(self.aux)
+        if experts is not None:
+            chosen = torch.tensor(experts, device=self.central.device)
+            sides = [t.index_select(0, chosen) for t in sides]
+        left, right = self.side_blocks(sides)
+        initial = self.initial_blocks.view(-1, right.shape[-2] * right.shape[-1])
+        return mpo_expert_matrices(left, self.central, right, minus=initial)
+
+    def side_blocks(self, sides: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The contracted left and right blocks of auxiliary tensors ``sides``."""
         left = mpo_side_block(sides[: self.centre], left=True)
-        right = mpo_side_block(sides[self.centre :], left=False)
-        return mpo_expert_matrices(left, self.central, right, **options)
+        return left, mpo_side_block(sides[self.centre :], left=False)
 
     def gates(self, x: torch.Tensor) -> torch.Tensor:
         return self.record(self.router(x))
 
     def post(self, x: torch.Tensor, y: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        """Each expert multiplies only its own tokens (one GEMM per expert, only for the
+        experts some token picked) and adds its rows into one copy of the output."""
         flat = x.reshape(-1, x.shape[-1]).to(self.central.dtype)
-        token, update = expert_updates(flat, self.gates(flat), self.deltas())
-        out = y.reshape(-1, y.shape[-1]).index_add(0, token, update.to(y.dtype))
+        gates = self.gates(flat)
+        routes = expert_tokens(gates)
+        out = y.reshape(-1, y.shape[-1]).clone()
+        deltas = self.deltas([e for e, _ in routes])
+        for (e, token), delta in zip(routes, deltas, strict=True):
+            update = F.linear(flat.index_select(0, token), delta) * gates[token, e, None]
+            out.index_add_(0, token, update.to(out.dtype))
         return out.view_as(y)
 
 
-def expert_updates(
-    flat: torch.Tensor, gates: torch.Tensor, weights: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(token index, g_e(x) W_e x) for every routed (token, expert) pair, grouped by expert:
-    each expert multiplies only its own tokens, one contiguous GEMM per expert (tokens
-    gathered once, sorted by expert), and the rows go back with one ``index_add``."""
-    token, expert = gates.nonzero(as_tuple=True)  # pairs with a nonzero gate
+def expert_tokens(gates: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+    """(expert, indices of its tokens) for every expert with a nonzero gate on some token."""
+    token, expert = gates.nonzero(as_tuple=True)
     order = torch.argsort(expert, stable=True)
-    token, expert = token[order], expert[order]
-    counts = torch.bincount(expert, minlength=weights.shape[0]).tolist()
-    routed = flat.index_select(0, token)
-    parts = [
-        F.linear(part, weight)
-        for part, weight in zip(routed.split(counts), weights.unbind(0), strict=True)
-        if part.shape[0]
-    ]
-    out = torch.cat(parts) if parts else routed.new_zeros(0, weights.shape[1])
-    return token, out * gates[token, expert].to(out.dtype)[:, None]
+    counts = torch.bincount(expert, minlength=gates.shape[-1]).tolist()
+    groups = token[order].split(counts)
+    return [(e, group) for e, group in enumerate(groups) if group.numel()]
 
 
 __all__ = [

@@ -154,7 +154,12 @@ class SparseDeltaAdapter(Adapter):
         if any(getattr(base, n).is_meta for n in self.tuned) or not self.is_selected():
             self.check_selected()
             return base(x, *args, **kwargs)
-        if not args and not kwargs and sparse_linear_fits(x, base, self.indices("weight")):
+        if (
+            not args
+            and not kwargs
+            and "weight" in self.tuned
+            and sparse_linear_fits(x, base, self.indices("weight"))
+        ):
             bias = self.updated_bias(base)
             index, values = self.indices("weight"), self.values["weight"]
             return SparseDeltaLinear.apply(x, base.weight, bias, index, values)
