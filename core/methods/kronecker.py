@@ -712,6 +712,39 @@ def circulant_apply(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.fft.irfft(torch.fft.rfft(c, n=n) * torch.fft.rfft(x, n=n), n=n)
 
 
+class CirculantLinear(torch.autograd.Function):
+    """``scale * (C(c) pad(x))[..., :d_out]`` by FFTs, saving only x and c.
+
+    Autograd through rfft/irfft would keep the complex spectra of x and of the product (about
+    three copies of x in size, padded to n); here the backward recomputes rfft(x) and uses
+    the two correlations of a circular convolution:
+    dL/dx = (C(c)^T g)[:d_in] = irfft(conj(F c) F g)  and  dL/dc = irfft(sum_rows F g conj(F x)),
+    the row sum taken in the frequency domain so only one inverse FFT of length n runs.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, c: torch.Tensor, d_out: int, scale: float):
+        n = c.shape[-1]
+        ctx.save_for_backward(x, c)
+        ctx.scale = scale
+        spectrum = torch.fft.rfft(c, n=n) * torch.fft.rfft(x, n=n)
+        return torch.fft.irfft(spectrum, n=n)[..., :d_out] * scale
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, c = ctx.saved_tensors
+        n, d_in = c.shape[-1], x.shape[-1]
+        grad_f = torch.fft.rfft(grad * ctx.scale, n=n)  # g zero-padded to n
+        grad_x = grad_c = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.fft.irfft(torch.fft.rfft(c, n=n).conj() * grad_f, n=n)[..., :d_in]
+        if ctx.needs_input_grad[1]:
+            x_f = torch.fft.rfft(x, n=n).reshape(-1, n // 2 + 1)
+            cross = (grad_f.reshape(-1, n // 2 + 1) * x_f.conj()).sum(0)
+            grad_c = torch.fft.irfft(cross, n=n)
+        return grad_x, grad_c, None, None
+
+
 def skew_phase(n: int, like: torch.Tensor) -> torch.Tensor:
     """omega^k, omega = exp(i pi / n): skew-circ(h) = D^-1 circ(D h) D with D = diag(omega^k)."""
     angle = torch.arange(n, device=like.device, dtype=like.dtype) * (math.pi / n)
@@ -760,9 +793,9 @@ class SURMAdapter(Adapter):
                 torch.fft.rfft(self.t, n=size) * torch.fft.rfft(x, n=size), n=size
             )
             return full[..., self.in_features - 1 : self.in_features - 1 + self.out_features]
-        xp = F.pad(x, (0, self.n - self.in_features))
         if self.structure == "circulant":
-            return circulant_apply(self.c, xp)[..., : self.out_features]
+            return CirculantLinear.apply(x, self.c, self.out_features, 1.0)
+        xp = F.pad(x, (0, self.n - self.in_features))
         phase = skew_phase(self.n, xp)
         dx = torch.fft.fft(xp.to(phase.dtype) * phase)  # skew-circ(h_k) x = D^-1 circ(D h_k) D x
         skew = torch.fft.ifft(torch.fft.fft(self.h.to(phase.dtype) * phase) * dx[..., None, :])

@@ -296,6 +296,31 @@ def test_surm_fft_forward_equals_the_structured_matrix(structure, d_in, d_out):
     assert_merge_exact(model, x, lambda m, x: m(x))
 
 
+@pytest.mark.parametrize(("d_in", "d_out"), [(13, 7), (5, 11), (9, 9)])
+def test_surm_circulant_gradients_equal_autograd_of_the_dense_formula(d_in, d_out):
+    """The FFT circulant path's own backward against autograd of y = W0 x + alpha S(c) x."""
+    torch.manual_seed(d_in * d_out)
+    model = nn.Sequential(nn.Linear(d_in, d_out))
+    core.inject(model, SURM(alpha=0.7, targets=["0"]))
+    adapter = model[0].adapters["default"]
+    with torch.no_grad():
+        adapter.c.normal_()
+    x = torch.randn(2, 3, d_in, requires_grad=True)
+    upstream = torch.randn(2, 3, d_out)
+    (model(x) * upstream).sum().backward()
+    got_x, got_c = x.grad.clone(), adapter.c.grad.clone()
+
+    c = adapter.c.detach().clone().requires_grad_(True)
+    x2 = x.detach().clone().requires_grad_(True)
+    n = adapter.n
+    idx = (torch.arange(d_out)[:, None] - torch.arange(d_in)[None, :]) % n
+    base = model[0].base_layer
+    y = base(x2) + 0.7 * x2 @ c[idx].T
+    (y * upstream).sum().backward()
+    torch.testing.assert_close(got_x, x2.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_c, c.grad, atol=1e-5, rtol=1e-5)
+
+
 def test_surm_structures_are_full_rank_unlike_low_rank_updates():
     c = torch.randn(16)
     assert torch.linalg.matrix_rank(circulant_matrix(c)) == 16
