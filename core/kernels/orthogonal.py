@@ -17,6 +17,12 @@ and dL/dupper[i, j] = dL/dS[i, j] - dL/dS[j, i]. The kernel runs one block per p
 Gauss-Jordan elimination in registers; no pivoting is needed because I + S has the identity
 as its symmetric part (positive definite), so every leading minor is non-zero. The twin uses
 ``torch.linalg.solve`` for the forward and the closed form above for the backward.
+
+``grid_linear(x, W, bias, scale, ops)`` is the training path of the orthogonal methods on
+linear layers: scale * (W (C_n ... C_1 x)) + bias, each C_i block-diagonal along the rows or
+the columns of a 2-D grid of the coordinates (see the section below). It is torch's batched
+GEMM on every device (no Triton kernel: the blocks are dense and cuBLAS/MKL already run
+them at full speed), fused into one autograd function with the layer's own GEMM.
 """
 
 from __future__ import annotations
@@ -325,6 +331,15 @@ class _Rows:
         return grad.transpose(0, 1).reshape(grad.shape[1], -1)[:, :d]
 
 
+def column_dots(a: torch.Tensor, b: torch.Tensor, rows: int = 256) -> torch.Tensor:
+    """(a * b).sum(0) a few rows at a time: the backward's peak memory then holds no
+    (tokens, out) product next to the layer's other gradients."""
+    total = (a[:rows] * b[:rows]).sum(0)
+    for start in range(rows, a.shape[0], rows):
+        total += (a[start : start + rows] * b[start : start + rows]).sum(0)
+    return total
+
+
 def _states(layout, saved: torch.Tensor, ops: list, shape: tuple[int, int]) -> list:
     """The input of every op, recomputed without autograd."""
     states = [layout.first_state(saved, shape)]
@@ -370,7 +385,7 @@ class GridLinearFunction(torch.autograd.Function):
         # d(h) = W^T (s dy): scale whichever is smaller, the weight or the output gradient.
         scale_weight = scale is not None and dy.shape[0] > weight.shape[1]
         g = dy if scale is None or scale_weight else dy * scale
-        dscale = (dy * u).sum(0) if u is not None else None
+        dscale = column_dots(dy, u) if u is not None else None
         dbias = dy.sum(0) if need[2] else None
         states = _states(layout, saved, ops, ctx.shape)
         dweight = None
