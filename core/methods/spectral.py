@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from ..config import AdapterConfig, check_choice, check_float, check_int
 from ..errors import CheckpointError, ConfigError
+from ..kernels.lora import folds
 from ..layers import Adapter, conv_forward, is_fan_in_fan_out, weight_dtype
 from ..peft_format import PeftFormat, register_peft_format
 from ..registry import register
@@ -234,14 +235,15 @@ class FourierFTAdapter(Adapter):
         self.replaces_base = base.weight.dtype == self.spectrum.dtype
 
     def delta_weight(self) -> torch.Tensor:
-        """scaling * Re(IDFT2(F)) as (d_out, d_in), computed in float32 (ifft2 needs it)."""
-        rows, cols = self.indices
-        dense = torch.zeros(self.shape, device=self.spectrum.device, dtype=torch.float32)
-        dense = dense.index_put((rows, cols), self.spectrum.float())
-        return torch.fft.ifft2(dense).real * self.scaling
+        """scaling * Re(IDFT2(F)) as (d_out, d_in), in float32 or wider."""
+        return fourier_delta(self.spectrum, self.indices, self.shape, self.scaling)
 
     def run_base(self, x: torch.Tensor, base: nn.Module, *args, **kwargs) -> torch.Tensor:
-        weight = base.weight.T if self.fan_in_fan_out else base.weight
+        weight = weight_matrix(base)
+        if takes_fast_path(x, weight, self.spectrum):
+            return FourierLinear.apply(
+                x, weight, base.bias, self.spectrum, self.indices, self.scaling
+            )
         return F.linear(x, weight + self.delta_weight().to(weight.dtype), base.bias)
 
     def post(self, x: torch.Tensor, y: torch.Tensor, base: nn.Module) -> torch.Tensor:
@@ -255,6 +257,118 @@ class FourierFTAdapter(Adapter):
 
     def unmerge(self, base: nn.Module) -> None:
         add_to_weight(base, -self.delta_weight())
+
+
+def takes_fast_path(x: torch.Tensor, weight: torch.Tensor, param: torch.Tensor) -> bool:
+    """Whether a hand-written training step applies: grad on, no autocast (it would cast
+    inside the step), and one dtype throughout. Otherwise autograd runs the plain formula."""
+    return (
+        torch.is_grad_enabled()
+        and not torch.is_autocast_enabled(x.device.type)
+        and x.dtype == weight.dtype == param.dtype
+    )
+
+
+# FourierFT's Delta W and its gradient through real-input/real-output transforms. With
+# F real, Re(IDFT2(F)) = IDFT2(F_sym) for the even part F_sym[r, k] = (F[r, k] + F[-r, -k])
+# / 2, which is Hermitian, so ``irfft2`` computes it from the half spectrum k <= d_in / 2 at
+# half the cost of a complex ``ifft2``. For the gradient, with g the output gradient, each
+# coefficient's derivative is a sum over rows of products of the rows' own 1-D DFTs
+# (below), so neither the (d_out, d_in) weight gradient g^T x nor a 2-D FFT of it is needed.
+
+
+def half_spectrum_scatter(
+    indices: torch.Tensor, d_out: int, d_in: int
+) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Where F_sym's half spectrum (d_out, d_in // 2 + 1) receives each coefficient's two
+    halves: at (r, k) when k <= d_in / 2, and at (-r, -k) when -k mod d_in <= d_in / 2.
+    Returns the (rows, cols) positions and, for each, the coefficient it takes."""
+    rows, cols = indices
+    half = d_in // 2 + 1
+    mirror_rows, mirror_cols = (-rows) % d_out, (-cols) % d_in
+    keep, mirror_keep = cols < half, mirror_cols < half
+    at = (
+        torch.cat([rows[keep], mirror_rows[mirror_keep]]),
+        torch.cat([cols[keep], mirror_cols[mirror_keep]]),
+    )
+    source = torch.cat([keep.nonzero().flatten(), mirror_keep.nonzero().flatten()])
+    return at, source
+
+
+def fourier_delta(
+    spectrum: torch.Tensor, indices: torch.Tensor, shape: tuple[int, int], scaling: float
+) -> torch.Tensor:
+    """scaling * Re(IDFT2(F)) (IDFT2 with its 1/(d_out d_in)) for F zero except ``spectrum``
+    at ``indices``, computed as ``irfft2`` of F_sym's half spectrum (float32 or wider)."""
+    d_out, d_in = shape
+    values = spectrum.to(torch.promote_types(spectrum.dtype, torch.float32))
+    at, source = half_spectrum_scatter(indices, d_out, d_in)
+    half = values.new_zeros(d_out, d_in // 2 + 1)
+    half = half.index_put(at, (values * (scaling / 2))[source], accumulate=True)
+    return torch.fft.irfft2(half, s=(d_out, d_in))
+
+
+def gather_columns(z: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``z[:, index]`` for a 2-D complex ``z``; complex64 moves as one 8-byte word through
+    ``torch.gather``, several times faster than complex indexing on CPU."""
+    if z.dtype == torch.complex64:
+        packed = z.view(torch.float64)
+        return torch.gather(packed, 1, index.expand(z.shape[0], -1)).view(torch.complex64)
+    return z[:, index]
+
+
+FOURIER_GRAD_ROWS = 128  # rows of (dy, x) per chunk: transforms and gathers stay in cache
+
+
+def fourier_spectrum_grad(
+    dy: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """d loss / d c_t of y = x Delta W^T, for 2-D ``dy`` (m, d_out) and ``x`` (m, d_in).
+
+    With P_m(r) = sum_a dy[m, a] e^{2 pi i a r / d_out} and Q_m(k) likewise over x,
+    dL/dc_t = scaling / (d_out d_in) * Re(sum_m P_m(r_t) Q_m(k_t)). For real rows,
+    P(r) = conj(rfft(dy)[r]) for r <= d_out / 2, else rfft(dy)[d_out - r] (same for Q), so
+    Re(P Q) = Re(G) Re(X) - sign * Im(G) Im(X) with sign = +1 when both or neither are
+    conjugated. Cost: two batches of 1-D real FFTs and n dot products of length m.
+    """
+    d_out, d_in = dy.shape[1], x.shape[1]
+    rows, cols = indices
+    row_conj, col_conj = rows <= d_out // 2, cols <= d_in // 2
+    row_at = torch.where(row_conj, rows, d_out - rows)
+    col_at = torch.where(col_conj, cols, d_in - cols)
+    sums = dy.new_zeros(rows.numel(), 2)
+    for start in range(0, dy.shape[0], FOURIER_GRAD_ROWS):
+        part = slice(start, start + FOURIER_GRAD_ROWS)
+        g = gather_columns(torch.fft.rfft(dy[part], dim=-1), row_at)
+        q = gather_columns(torch.fft.rfft(x[part], dim=-1), col_at)
+        sums += (torch.view_as_real(g) * torch.view_as_real(q)).sum(0)
+    sign = torch.where(row_conj == col_conj, 1.0, -1.0).to(sums.dtype)
+    return (sums[:, 0] - sign * sums[:, 1]) * (scaling / (d_out * d_in))
+
+
+class FourierLinear(torch.autograd.Function):
+    """y = x (W + Delta W)^T + b, FourierFT's training step: one GEMM with the summed weight
+    forward, and a backward that gets the coefficients' gradient from 1-D FFTs of dy and x
+    (``fourier_spectrum_grad``) instead of the (d_out, d_in) product dy^T x and a 2-D FFT.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, spectrum, indices, scaling):
+        merged = weight + fourier_delta(spectrum, indices, weight.shape, scaling).to(weight)
+        ctx.scaling = scaling
+        ctx.save_for_backward(x, merged, indices)
+        return F.linear(x, merged, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, merged, indices = ctx.saved_tensors
+        need_x, need_w, need_b, need_c = ctx.needs_input_grad[:4]
+        dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
+        dx = (dy2 @ merged).view(x.shape) if need_x else None
+        dweight = dy2.T @ x2 if need_w else None
+        dbias = dy2.sum(0) if need_b else None
+        dspectrum = fourier_spectrum_grad(dy2, x2, indices, ctx.scaling) if need_c else None
+        return dx, dweight, dbias, dspectrum, None, None
 
 
 # --- SVFT and SVFit -------------------------------------------------------------------------
@@ -394,6 +508,103 @@ class SVFit(AdapterConfig):
         return SingularVectorAdapter(module, pattern="plain", off_diag=0, rank=self.r, seed=0)
 
 
+SPARSE_GATHER_LIMIT = 2  # k <= this * rank: gather the k entries; above, a dense rank^2 GEMM
+
+
+class CoefficientPattern:
+    """SVFT's M (rank x rank): ``coeffs`` at fixed (row, col) ``positions``. The products
+    the forward and backward need, each by the cheapest route for the pattern: elementwise
+    for a diagonal, gathers of the k entries for a sparse M, a dense M for a full one."""
+
+    def __init__(self, positions: torch.Tensor, rank: int, diagonal: bool):
+        self.rows, self.cols = positions
+        self.rank, self.diagonal = rank, diagonal
+        self.dense = not diagonal and self.rows.numel() > SPARSE_GATHER_LIMIT * rank
+
+    def matrix(self, coeffs: torch.Tensor) -> torch.Tensor:
+        m = coeffs.new_zeros(self.rank, self.rank)
+        return m.index_put((self.rows, self.cols), coeffs, accumulate=True)
+
+    def left(self, coeffs: torch.Tensor, vh: torch.Tensor) -> torch.Tensor:
+        """M V^T (rank, d_in)."""
+        if self.diagonal:
+            return coeffs[:, None] * vh
+        if self.dense:
+            return self.matrix(coeffs) @ vh
+        return vh.new_zeros(vh.shape).index_add(0, self.rows, coeffs[:, None] * vh[self.cols])
+
+    def mix(self, coeffs: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """h M^T over the last dimension of h (..., rank): M applied to each V^T x."""
+        if self.diagonal:
+            return h * coeffs
+        if self.dense:
+            return h @ self.matrix(coeffs).T
+        return torch.zeros_like(h).index_add(-1, self.rows, h[..., self.cols] * coeffs)
+
+    def mix_t(self, coeffs: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """g M for a 2-D g (m, rank): M^T applied to each row."""
+        if self.diagonal:
+            return g * coeffs
+        if self.dense:
+            return g @ self.matrix(coeffs)
+        picked = torch.gather(g, 1, self.rows.expand(g.shape[0], -1)) * coeffs
+        return torch.zeros_like(g).index_add(1, self.cols, picked)
+
+    def grad(self, g: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """d loss / d coeffs = (g^T h)[rows, cols] for 2-D g = dy U and h = x V (m, rank)."""
+        if self.diagonal:
+            return (g * h).sum(0)
+        if self.dense:
+            return (g.T @ h)[self.rows, self.cols]
+        m = g.shape[0]
+        picked = torch.gather(g, 1, self.rows.expand(m, -1))
+        return (picked * torch.gather(h, 1, self.cols.expand(m, -1))).sum(0)
+
+
+class SingularUpdateLinear(torch.autograd.Function):
+    """y = x (W0 + U M V^T)^T + b, SVFT's training step in one output write.
+
+    ``fold`` (many rows, ``core.kernels.lora.folds``): W' = W0 + U (M V^T) is formed once
+    (rank d_out d_in flops, independent of the rows) and y = x W'^T is one GEMM; else
+    y = x W0^T + ((x V) M^T) U^T. The backward is the same either way: g = dy U and
+    h = x V (d_out + d_in) rank flops per row give dM = g^T h on the pattern, and
+    dx = dy W0 + (g M) V^T. Autograd of the folded form would instead make the (d_out,
+    d_in) weight gradient dy^T x and project it, U^T (dy^T x) V: more flops and memory.
+    Only x (and x V when not folded) is kept for the backward, not W'.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, u, vh, coeffs, pattern, fold):
+        x2 = x.reshape(-1, x.shape[-1])
+        if fold:
+            y = F.linear(x2, torch.addmm(weight, u, pattern.left(coeffs, vh)), bias)
+            h = None
+        else:
+            y = F.linear(x2, weight, bias)
+            h = x2 @ vh.T
+            y.addmm_(pattern.mix(coeffs, h), u.T)
+        ctx.pattern = pattern
+        ctx.save_for_backward(x, weight, u, vh, coeffs, h)
+        return y.view(*x.shape[:-1], -1)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, u, vh, coeffs, h = ctx.saved_tensors
+        need_x, need_w, need_b, _, _, need_c = ctx.needs_input_grad[:6]
+        x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+        g = dy2 @ u if (need_x or need_c) else None  # (m, rank)
+        dx = dweight = dbias = dcoeffs = None
+        if need_c:
+            dcoeffs = ctx.pattern.grad(g, x2 @ vh.T if h is None else h)
+        if need_x:
+            dx = (dy2 @ weight).addmm_(ctx.pattern.mix_t(coeffs, g), vh).view(x.shape)
+        if need_w:
+            dweight = dy2.T @ x2
+        if need_b:
+            dbias = dy2.sum(0)
+        return dx, dweight, dbias, None, None, dcoeffs, None, None
+
+
 class SingularVectorAdapter(Adapter):
     """``y + U M V^T x`` with M sparse over the base's own singular vectors (SVFT, SVFit)."""
 
@@ -413,6 +624,9 @@ class SingularVectorAdapter(Adapter):
         self.register_buffer("positions", positions, persistent=pattern in SAVED_PATTERNS)
         self.register_buffer("U", None, persistent=False)  # set in on_attach
         self.register_buffer("Vh", None, persistent=False)
+        # The base output and the update in one pass (``SingularUpdateLinear``) when the
+        # base weight is in the adapter's dtype; else the update is added in ``post``.
+        self.replaces_base = base.weight.dtype == self.coeffs.dtype
 
     def _initial_positions(self, band: int, count: int, seed: int) -> torch.Tensor:
         if self.pattern == "random":
@@ -435,16 +649,28 @@ class SingularVectorAdapter(Adapter):
 
     def coefficient_matrix(self) -> torch.Tensor:
         """M as a dense rank x rank matrix."""
-        m = self.coeffs.new_zeros(self.rank, self.rank)
-        return m.index_put(tuple(self.positions), self.coeffs, accumulate=True)
+        return self.coefficient_pattern().matrix(self.coeffs)
+
+    def coefficient_pattern(self) -> CoefficientPattern:
+        return CoefficientPattern(self.positions, self.rank, self.diagonal)
+
+    def run_base(self, x: torch.Tensor, base: nn.Module, *args, **kwargs) -> torch.Tensor:
+        weight = weight_matrix(base)
+        if args or kwargs or not takes_fast_path(x, weight, self.coeffs):
+            return self.add_update(x, base(x, *args, **kwargs))
+        pattern = self.coefficient_pattern()
+        rows = x.numel() // x.shape[-1]
+        return SingularUpdateLinear.apply(
+            x, weight, base.bias, self.U, self.Vh, self.coeffs, pattern, folds(rows, weight)
+        )
 
     def post(self, x: torch.Tensor, y: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        return y if self.replaces_base else self.add_update(x, y)
+
+    def add_update(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y + U M V^T x by the plain formula (any dtype, autocast, extra call arguments)."""
         h = F.linear(x.to(self.coeffs.dtype), self.Vh)  # V^T x, (..., rank)
-        if self.diagonal:
-            mixed = h * self.coeffs
-        else:  # sparse M h: O(k) per token instead of O(rank^2)
-            rows, cols = self.positions
-            mixed = torch.zeros_like(h).index_add(-1, rows, h[..., cols] * self.coeffs)
+        mixed = self.coefficient_pattern().mix(self.coeffs, h)
         return y + F.linear(mixed, self.U).to(y.dtype)
 
     def delta_weight(self) -> torch.Tensor:
@@ -494,13 +720,17 @@ def orthogonal_factor(vector: torch.Tensor, size: int, how: str) -> torch.Tensor
 
 
 def rotate(matrix: torch.Tensor, factors: list[torch.Tensor], inverse: bool = False):
-    """``matrix @ (R_1 kron R_2 kron ...)`` (or its transpose) without forming the product:
-    each factor acts on its own axis of the (d_out, f_1, f_2, ...) reshaped matrix."""
+    """``matrix @ (R_1 kron R_2 kron ...)`` (or its transpose) without forming the product.
+
+    Each step contracts the leading factor axis of the (d_out, f_i, rest) reshaped matrix
+    with R_i and puts the rotated axis last, (d_out, rest, f_i): one matrix product per
+    factor and no permute copies; after all factors the axes are back in order.
+    """
     d_out = matrix.shape[0]
-    t = matrix.reshape(d_out, *[f.shape[0] for f in factors])
-    for axis, factor in enumerate(factors, start=1):
+    t = matrix
+    for factor in factors:
         step = factor.T if inverse else factor
-        t = torch.movedim(torch.tensordot(t, step, dims=([axis], [0])), -1, axis)
+        t = torch.matmul(t.reshape(d_out, factor.shape[0], -1).transpose(1, 2), step)
     return t.reshape(d_out, -1)
 
 
@@ -686,6 +916,13 @@ class SODAAdapter(Adapter):
             return self.U @ shifted
         return F.pad(shifted, (0, 0, 0, self.shape[0] - self.rank))
 
+    def shifted_weight(self, base: nn.Module) -> torch.Tensor:
+        """W0 + Delta S W_basis; with "svd" one addmm, W0 + U (diag(Delta s) V^T)."""
+        w0 = weight_matrix(base).to(self.shift.dtype)
+        if self.U is None:
+            return w0 + self.spectral_shift()
+        return torch.addmm(w0, self.U, self.spectrum_delta()[:, None] * self.basis)
+
     def stiefel_parameters(self) -> list[nn.Parameter]:
         """Parameters an optimiser must keep orthogonal (``core.optim.stiefel_parameters``)."""
         return list(self.factors) if self.orthogonal == "stiefel" else []
@@ -704,8 +941,7 @@ class SODAAdapter(Adapter):
         return functools.reduce(torch.kron, self.rotation_factors(), eye)
 
     def adapted_matrix(self, base: nn.Module) -> torch.Tensor:
-        w0 = weight_matrix(base).to(self.shift.dtype)
-        return rotate(w0 + self.spectral_shift(), self.rotation_factors())
+        return rotate(self.shifted_weight(base), self.rotation_factors())
 
     # -- forward and merge -------------------------------------------------------------
 

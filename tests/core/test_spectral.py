@@ -13,6 +13,7 @@ import core.optim
 from conftest import adapters_of, make_llama, randomise
 from core.errors import CheckpointError, ConfigError, TargetError
 from core.inject import adapter_config, trainable_parameters
+from core.methods import spectral
 from core.methods.spectral import SODA, SVFT, FourierFT, SVFit, kronecker_sizes
 
 LINEAR_TARGETS = ["tall", "square", "wide", "gpt"]
@@ -417,6 +418,159 @@ def test_soda_rotation_stays_orthogonal_through_training(layer, orthogonal):
     torch.testing.assert_close(rotation @ rotation.T, torch.eye(n), atol=1e-5, rtol=0)
     assert (rotation - torch.eye(n)).abs().max() > 0.05  # it really rotates
     assert model[0].base_layer.weight.grad is None
+
+
+# --- the training fast paths equal the plain formulas ------------------------------------------
+
+
+def plain_fourier_delta(spectrum, indices, shape, scaling):
+    """scaling * Re(IDFT2(F)) straight from the definition: a dense complex ifft2."""
+    dense = torch.zeros(shape, dtype=spectrum.dtype).index_put(tuple(indices), spectrum)
+    return torch.fft.ifft2(dense).real * scaling
+
+
+def grads_of(output, tensors, seed=0):
+    upstream = torch.randn(output.shape, generator=torch.Generator().manual_seed(seed))
+    return torch.autograd.grad(output, tensors, upstream)
+
+
+def assert_all_close(got, want, atol=1e-5, rtol=1e-4):
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
+        torch.testing.assert_close(a, b, atol=atol, rtol=rtol, msg=f"tensor {i}")
+
+
+def leaf(*shape, dtype=torch.float32):
+    return torch.randn(*shape, dtype=dtype).requires_grad_()
+
+
+@pytest.mark.parametrize("shape, n", [((7, 9), 20), ((6, 8), 48), ((9, 6), 54), ((1, 5), 5)])
+def test_fourierft_real_transform_delta_equals_the_complex_ifft2(shape, n):
+    # n = every entry for the even shapes: zero and Nyquist rows/columns and their mirrors
+    flat = torch.randperm(shape[0] * shape[1])[:n]
+    indices = torch.stack([flat // shape[1], flat % shape[1]])
+    spectrum = torch.randn(n, dtype=torch.float64)
+    got = spectral.fourier_delta(spectrum, indices, shape, 2.5)
+    torch.testing.assert_close(got, plain_fourier_delta(spectrum, indices, shape, 2.5))
+
+
+@pytest.mark.parametrize("shape, n", [((7, 9), 20), ((6, 8), 48), ((10, 5), 13)])
+def test_fourierft_fast_step_equals_the_plain_formula_with_gradients(shape, n):
+    d_out, d_in = shape
+    flat = torch.randperm(d_out * d_in)[:n]
+    indices = torch.stack([flat // d_in, flat % d_in])
+    x, weight, bias, spectrum = leaf(2, 5, d_in), leaf(d_out, d_in), leaf(d_out), leaf(n)
+    inputs = (x, weight, bias, spectrum)
+    fast = spectral.FourierLinear.apply(x, weight, bias, spectrum, indices, 3.0)
+    delta = plain_fourier_delta(spectrum, indices, shape, 3.0)
+    plain = nn.functional.linear(x, weight + delta, bias)
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
+    assert_all_close(grads_of(fast, inputs), grads_of(plain, inputs))
+
+
+@pytest.mark.parametrize("layer", ["tall", "gpt"])
+def test_fourierft_adapter_trains_through_the_fast_step(layer):
+    model = Bank()
+    core.inject(model, FourierFT(n_frequency=30, scaling=5.0, targets=[layer]))
+    adapter = adapters_of(model)[layer]
+    x = make_batch()[layer].requires_grad_()
+    y = model({layer: x})[layer]
+    assert "FourierLinear" in type(y.grad_fn).__name__
+    base = getattr(model, layer).base_layer
+    w0 = spectral.weight_matrix(base)
+    delta = plain_fourier_delta(adapter.spectrum, adapter.indices, adapter.shape, 5.0)
+    plain = nn.functional.linear(x, w0 + delta, base.bias)
+    torch.testing.assert_close(y, plain, atol=1e-5, rtol=1e-5)
+    assert_all_close(grads_of(y, (x, adapter.spectrum)), grads_of(plain, (x, adapter.spectrum)))
+
+
+def singular_bases(d_out, d_in, rank):
+    u, _, vh = torch.linalg.svd(torch.randn(d_out, d_in), full_matrices=False)
+    return u[:, :rank].contiguous(), vh[:rank].contiguous()
+
+
+PATTERN_ROUTES = {  # (positions, diagonal) taking each route of CoefficientPattern
+    "diagonal": lambda r: (spectral.banded_positions(r, 0), True),
+    "sparse": lambda r: (spectral.random_positions(r, r, 1), False),
+    "dense": lambda r: (spectral.banded_positions(r, 2), False),
+}
+
+
+@pytest.mark.parametrize("route", PATTERN_ROUTES)
+@pytest.mark.parametrize("fold", [True, False])
+@pytest.mark.parametrize("shape, rank", [((9, 7), 7), ((7, 11), 5)])
+def test_svft_fast_step_equals_the_plain_formula_with_gradients(route, fold, shape, rank):
+    positions, diagonal = PATTERN_ROUTES[route](rank)
+    pattern = spectral.CoefficientPattern(positions, rank, diagonal)
+    assert pattern.dense == (route == "dense")
+    u, vh = singular_bases(*shape, rank)
+    x, weight, bias = leaf(3, 4, shape[1]), leaf(*shape), leaf(shape[0])
+    coeffs = leaf(positions.shape[1])
+    inputs = (x, weight, bias, coeffs)
+    fast = spectral.SingularUpdateLinear.apply(x, weight, bias, u, vh, coeffs, pattern, fold)
+    m = torch.zeros(rank, rank).index_put(tuple(positions), coeffs)
+    plain = nn.functional.linear(x, weight + u @ m @ vh, bias)
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
+    assert_all_close(grads_of(fast, inputs), grads_of(plain, inputs))
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        SVFT(targets=["tall", "gpt"]),
+        SVFT(pattern="random", off_diag=1, seed=2, targets=["tall", "gpt"]),
+        SVFit(r=3, targets=["tall", "gpt"]),
+    ],
+)
+def test_singular_vector_adapters_train_through_the_fast_step(cfg):
+    model = Bank()
+    core.inject(model, cfg)
+    randomise(model, std=0.3)
+    for name, adapter in adapters_of(model).items():
+        base = getattr(model, name).base_layer
+        x = make_batch()[name].requires_grad_()
+        y = model({name: x})[name]
+        assert "SingularUpdateLinear" in type(y.grad_fn).__name__
+        w = spectral.weight_matrix(base) + adapter.U @ adapter.coefficient_matrix() @ adapter.Vh
+        plain = nn.functional.linear(x, w, base.bias)
+        torch.testing.assert_close(y, plain, atol=1e-5, rtol=1e-5)
+        inputs = (x, adapter.coeffs)
+        assert_all_close(grads_of(y, inputs), grads_of(plain, inputs))
+
+
+@pytest.mark.parametrize("case", ["fourierft", "svft_banded", "svfit"])
+def test_autocast_runs_the_plain_formula_of_the_fast_step_methods(case):
+    cfg = CASES[case]()
+    model = Bank()
+    core.inject(model, cfg)
+    randomise(model, std=0.1)
+    batch = batch_for(cfg)
+    with torch.no_grad():
+        full = model(batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast = model(batch)
+    for key, y in cast.items():
+        assert y.dtype == torch.bfloat16, key
+        assert "FourierLinear" not in type(y.grad_fn).__name__, key
+        assert "SingularUpdate" not in type(y.grad_fn).__name__, key
+        torch.testing.assert_close(y.float(), full[key], atol=0.1, rtol=0.05, msg=key)
+    sum(y.float().sum() for y in cast.values()).backward()
+    assert all(p.grad is not None for p in trainable_parameters(model))
+
+
+@pytest.mark.parametrize("sizes", [(3, 4), (2, 3, 2), (5,)])
+@pytest.mark.parametrize("inverse", [False, True])
+def test_soda_rotation_equals_the_dense_kronecker_product_with_gradients(sizes, inverse):
+    d_in = int(torch.tensor(sizes).prod())
+    matrix = leaf(5, d_in, dtype=torch.float64)
+    factors = [leaf(f, f, dtype=torch.float64) for f in sizes]
+    dense = factors[0]
+    for factor in factors[1:]:
+        dense = torch.kron(dense, factor)
+    got = spectral.rotate(matrix, factors, inverse=inverse)
+    want = matrix @ (dense.T if inverse else dense)
+    torch.testing.assert_close(got, want)
+    inputs = (matrix, *factors)
+    assert_all_close(grads_of(got, inputs), grads_of(want, inputs), atol=1e-10, rtol=1e-10)
 
 
 # --- save / load --------------------------------------------------------------------------------
