@@ -683,6 +683,34 @@ def test_fuse_attends_over_adapter_outputs_and_trains_only_the_fusion(mixed, tmp
     assert meta["method"] == "adapter_fusion" and len(tensors) == 5 * len(dims) * 2
 
 
+def test_fusion_attention_equals_the_plain_formula_with_gradients():
+    """fuse() moves the key map onto the query and mixes before the value map; output and
+    every gradient must equal h + sum_n softmax_n(K(z_n) . Q(h) / T) V(z_n) by autograd."""
+    from core.compose import FusionAdapter
+
+    torch.manual_seed(3)
+    d, n = 11, 3
+    layer = FusionAdapter(d, AdapterFusion(targets=["x"], temperature=0.7), {})
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(std=0.3)
+    h = torch.randn(2, 5, d, requires_grad=True)
+    updates = [torch.randn(2, 5, d, requires_grad=True) for _ in range(n)]
+    upstream = torch.randn(2, 5, d)
+
+    def grads(out):
+        inputs = [h, *updates, *layer.parameters()]
+        return torch.autograd.grad((out * upstream).sum(), inputs)
+
+    got = layer.fuse(h, updates)
+    z = torch.stack(updates, dim=-2)
+    scores = (layer.key(z) * layer.query(h).unsqueeze(-2)).sum(-1) / 0.7
+    want = h + (scores.softmax(-1).unsqueeze(-1) * layer.value(z)).sum(-2)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads(got), grads(want)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_fusion_layer_counts_on_the_meta_device():
     with torch.device("meta"):
         model = make_vit()
