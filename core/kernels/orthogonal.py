@@ -299,7 +299,9 @@ class _Rows:
 
     @staticmethod
     def enter(x: torch.Tensor, width: int) -> torch.Tensor:
-        return x if width == x.shape[1] else torch.nn.functional.pad(x, (0, width - x.shape[1]))
+        if width == x.shape[1]:
+            return x.contiguous()  # the ops view it as (M, H, K)
+        return torch.nn.functional.pad(x, (0, width - x.shape[1]))
 
     @staticmethod
     def first_state(saved: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:

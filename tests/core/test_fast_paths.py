@@ -400,6 +400,24 @@ def test_qgoft_grid_equals_the_givens_stages_forward_and_gradients(d):
             )
 
 
+@pytest.mark.parametrize("method", ["boft", "qgoft"])
+def test_grid_path_takes_strided_inputs_and_runs_under_autocast(method):
+    """A transposed (non-contiguous) input gives the same output and d(x); under CPU
+    autocast the plain composition runs in bfloat16 and stays close to float32."""
+    cfg = BOFT(block_size=4, butterfly_factors=2, targets=["0"]) if method == "boft" else None
+    model = core.inject(nn.Sequential(nn.Linear(16, 12)), cfg or QGOFT(targets=["0"]))
+    perturbed(model)
+    x = torch.randn(16, 6).t().requires_grad_(True)  # (6, 16), strides (1, 6)
+    dense = x.detach().contiguous().requires_grad_(True)
+    out, want = model(x), model(dense)
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(grads(out, [x])[0], grads(want, [dense])[0])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model(dense)
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), want, atol=0.05, rtol=0.05)
+
+
 def test_boft_factors_multiply_out_to_one_block_op():
     """BOFT's m factors are one block-diagonal op of b 2^(m-1) (widened to 32 where d
     allows); over 256 the factor chain stays."""
