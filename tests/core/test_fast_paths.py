@@ -404,10 +404,10 @@ def test_qgoft_grid_equals_the_givens_stages_forward_and_gradients(d):
 def test_grid_path_takes_strided_inputs_and_runs_under_autocast(method):
     """A transposed (non-contiguous) input gives the same output and d(x); under CPU
     autocast the plain composition runs in bfloat16 and stays close to float32."""
-    cfg = BOFT(block_size=4, butterfly_factors=2, targets=["0"]) if method == "boft" else None
-    model = core.inject(nn.Sequential(nn.Linear(16, 12)), cfg or QGOFT(targets=["0"]))
+    cfg = BOFT(block_size=4, targets=["0"]) if method == "boft" else QGOFT(targets=["0"])
+    model = core.inject(nn.Sequential(nn.Linear(48, 12)), cfg)  # BOFT: 3 blocks of 16
     perturbed(model)
-    x = torch.randn(16, 6).t().requires_grad_(True)  # (6, 16), strides (1, 6)
+    x = torch.randn(48, 6).t().requires_grad_(True)  # (6, 48), strides (1, 6)
     dense = x.detach().contiguous().requires_grad_(True)
     out, want = model(x), model(dense)
     torch.testing.assert_close(out, want)
