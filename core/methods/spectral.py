@@ -356,7 +356,9 @@ class FourierLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, spectrum, indices, scaling):
         merged = weight + fourier_delta(spectrum, indices, weight.shape, scaling).to(weight)
         ctx.scaling = scaling
-        ctx.save_for_backward(x, merged, indices)
+        # W + Delta W only for dx: where x needs no gradient (the first adapted layer) the
+        # backward keeps nothing of the weight's size, as autograd of x W^T would not
+        ctx.save_for_backward(x, merged if ctx.needs_input_grad[0] else None, indices)
         return F.linear(x, merged, bias)
 
     @staticmethod
@@ -512,14 +514,23 @@ SPARSE_GATHER_LIMIT = 2  # k <= this * rank: gather the k entries; above, a dens
 
 
 class CoefficientPattern:
-    """SVFT's M (rank x rank): ``coeffs`` at fixed (row, col) ``positions``. The products
-    the forward and backward need, each by the cheapest route for the pattern: elementwise
-    for a diagonal, gathers of the k entries for a sparse M, a dense M for a full one."""
+    """SVFT's M (rank x rank): ``coeffs`` at fixed (row, col) ``positions``, with the
+    products the forward and backward need, each by the cheapest route for the layout:
 
-    def __init__(self, positions: torch.Tensor, rank: int, diagonal: bool):
+    * "band" (``band`` given: the positions are ``banded_positions(rank, band)``, the
+      diagonal when 0): one elementwise product per diagonal i - j = const;
+    * "sparse" (k <= 2 rank): gathers of the k entries;
+    * "dense": M formed, one rank^2 GEMM per product.
+    """
+
+    def __init__(self, positions: torch.Tensor, rank: int, band: int | None = None):
+        self.positions, self.rank = positions, rank
         self.rows, self.cols = positions
-        self.rank, self.diagonal = rank, diagonal
-        self.dense = not diagonal and self.rows.numel() > SPARSE_GATHER_LIMIT * rank
+        self.diagonals = None if band is None else list(band_diagonals(rank, band))
+        count = self.rows.numel()
+        self.route = "band" if band is not None else "sparse"
+        if band is None and count > SPARSE_GATHER_LIMIT * rank:
+            self.route = "dense"
 
     def matrix(self, coeffs: torch.Tensor) -> torch.Tensor:
         m = coeffs.new_zeros(self.rank, self.rank)
@@ -527,38 +538,63 @@ class CoefficientPattern:
 
     def left(self, coeffs: torch.Tensor, vh: torch.Tensor) -> torch.Tensor:
         """M V^T (rank, d_in)."""
-        if self.diagonal:
-            return coeffs[:, None] * vh
-        if self.dense:
+        if self.route == "band":
+            out = torch.zeros_like(vh)
+            for i, j, c in self.band_slices(coeffs):
+                out[i] += c[:, None] * vh[j]
+            return out
+        if self.route == "dense":
             return self.matrix(coeffs) @ vh
         return vh.new_zeros(vh.shape).index_add(0, self.rows, coeffs[:, None] * vh[self.cols])
 
     def mix(self, coeffs: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """h M^T over the last dimension of h (..., rank): M applied to each V^T x."""
-        if self.diagonal:
-            return h * coeffs
-        if self.dense:
+        if self.route == "band":
+            out = torch.zeros_like(h)
+            for i, j, c in self.band_slices(coeffs):
+                out[..., i] += h[..., j] * c
+            return out
+        if self.route == "dense":
             return h @ self.matrix(coeffs).T
         return torch.zeros_like(h).index_add(-1, self.rows, h[..., self.cols] * coeffs)
 
     def mix_t(self, coeffs: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """g M for a 2-D g (m, rank): M^T applied to each row."""
-        if self.diagonal:
-            return g * coeffs
-        if self.dense:
+        if self.route == "band":
+            out = torch.zeros_like(g)
+            for i, j, c in self.band_slices(coeffs):
+                out[:, j] += g[:, i] * c
+            return out
+        if self.route == "dense":
             return g @ self.matrix(coeffs)
         picked = torch.gather(g, 1, self.rows.expand(g.shape[0], -1)) * coeffs
         return torch.zeros_like(g).index_add(1, self.cols, picked)
 
     def grad(self, g: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """d loss / d coeffs = (g^T h)[rows, cols] for 2-D g = dy U and h = x V (m, rank)."""
-        if self.diagonal:
-            return (g * h).sum(0)
-        if self.dense:
+        if self.route == "band":
+            return torch.cat([(g[:, i] * h[:, j]).sum(0) for i, j, _ in self.band_slices(None)])
+        if self.route == "dense":
             return (g.T @ h)[self.rows, self.cols]
         m = g.shape[0]
         picked = torch.gather(g, 1, self.rows.expand(m, -1))
         return (picked * torch.gather(h, 1, self.cols.expand(m, -1))).sum(0)
+
+    def band_slices(self, coeffs: torch.Tensor | None):
+        """(rows, cols, coefficients) of each diagonal as slices: M[i, j] = c."""
+        for offset, first, (start, stop) in self.diagonals:
+            i, j = slice(start, stop), slice(start + offset, stop + offset)
+            yield i, j, None if coeffs is None else coeffs[first : first + stop - start]
+
+
+def band_diagonals(rank: int, band: int):
+    """(offset j - i, index of its first coefficient, (first row, end row)) per diagonal,
+    in ``banded_positions`` order."""
+    first = 0
+    for offset in range(-band, band + 1):
+        start, stop = max(0, -offset), min(rank, rank - offset)
+        yield offset, first, (start, stop)
+        first += stop - start
 
 
 class SingularUpdateLinear(torch.autograd.Function):
@@ -616,7 +652,9 @@ class SingularVectorAdapter(Adapter):
         self.rank = min(d_out, d_in) if rank is None else min(rank, d_out, d_in)
         self.pattern = pattern
         band = 0 if pattern == "plain" else min(off_diag, self.rank - 1)
-        self.diagonal = band == 0 and pattern in ("plain", "banded")
+        # the band half-width when the positions are ``banded_positions`` (also "plain":
+        # the diagonal), which ``CoefficientPattern`` computes by slices
+        self.band = band if pattern in ("plain", "banded") else None
         count = band_count(self.rank, band)
         device = base.weight.device
         self.coeffs = nn.Parameter(torch.zeros(count, device=device, dtype=weight_dtype(base)))
@@ -652,7 +690,7 @@ class SingularVectorAdapter(Adapter):
         return self.coefficient_pattern().matrix(self.coeffs)
 
     def coefficient_pattern(self) -> CoefficientPattern:
-        return CoefficientPattern(self.positions, self.rank, self.diagonal)
+        return CoefficientPattern(self.positions, self.rank, self.band)
 
     def run_base(self, x: torch.Tensor, base: nn.Module, *args, **kwargs) -> torch.Tensor:
         weight = weight_matrix(base)

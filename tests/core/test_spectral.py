@@ -488,10 +488,11 @@ def singular_bases(d_out, d_in, rank):
     return u[:, :rank].contiguous(), vh[:rank].contiguous()
 
 
-PATTERN_ROUTES = {  # (positions, diagonal) taking each route of CoefficientPattern
-    "diagonal": lambda r: (spectral.banded_positions(r, 0), True),
-    "sparse": lambda r: (spectral.random_positions(r, r, 1), False),
-    "dense": lambda r: (spectral.banded_positions(r, 2), False),
+PATTERN_ROUTES = {  # (positions, band) taking each route of CoefficientPattern
+    "diagonal": lambda r: (spectral.banded_positions(r, 0), 0),
+    "band": lambda r: (spectral.banded_positions(r, 2), 2),
+    "sparse": lambda r: (spectral.random_positions(r, r, 1), None),
+    "dense": lambda r: (spectral.random_positions(r, 3 * r, 2), None),
 }
 
 
@@ -499,9 +500,9 @@ PATTERN_ROUTES = {  # (positions, diagonal) taking each route of CoefficientPatt
 @pytest.mark.parametrize("fold", [True, False])
 @pytest.mark.parametrize("shape, rank", [((9, 7), 7), ((7, 11), 5)])
 def test_svft_fast_step_equals_the_plain_formula_with_gradients(route, fold, shape, rank):
-    positions, diagonal = PATTERN_ROUTES[route](rank)
-    pattern = spectral.CoefficientPattern(positions, rank, diagonal)
-    assert pattern.dense == (route == "dense")
+    positions, band = PATTERN_ROUTES[route](rank)
+    pattern = spectral.CoefficientPattern(positions, rank, band)
+    assert pattern.route == ("band" if route == "diagonal" else route)
     u, vh = singular_bases(*shape, rank)
     x, weight, bias = leaf(3, 4, shape[1]), leaf(*shape), leaf(shape[0])
     coeffs = leaf(positions.shape[1])
@@ -518,6 +519,7 @@ def test_svft_fast_step_equals_the_plain_formula_with_gradients(route, fold, sha
     [
         SVFT(targets=["tall", "gpt"]),
         SVFT(pattern="random", off_diag=1, seed=2, targets=["tall", "gpt"]),
+        SVFT(pattern="banded", off_diag=2, targets=["tall", "gpt"]),
         SVFit(r=3, targets=["tall", "gpt"]),
     ],
 )
