@@ -22,6 +22,12 @@ positions). The SVD/LQ bases are recomputed in ``on_attach`` (non-persistent buf
 saving them would cost about two full weight matrices per layer, and with the sign
 convention of ``thin_svd``/``thin_lq`` the recomputed bases equal the originals to float
 tolerance. On the ``meta`` device no decomposition runs: the bases are shape-only.
+
+Training steps (same maths, fewer passes; each checked against the plain formula with
+gradients in tests/core/test_spectral.py): FourierFT (``FourierLinear``) builds Delta W
+with a real-output ``irfft2`` and gets the coefficients' gradient from 1-D FFTs of dy and x,
+never forming dy^T x; SVFT/SVFit (``SingularUpdateLinear``) run one GEMM with W0 + U M V^T
+and take dM from dy U and x V; SODA rotates the weight with one matmul per Kronecker factor.
 """
 
 from __future__ import annotations
@@ -260,13 +266,9 @@ class FourierFTAdapter(Adapter):
 
 
 def takes_fast_path(x: torch.Tensor, weight: torch.Tensor, param: torch.Tensor) -> bool:
-    """Whether a hand-written training step applies: grad on, no autocast (it would cast
-    inside the step), and one dtype throughout. Otherwise autograd runs the plain formula."""
-    return (
-        torch.is_grad_enabled()
-        and not torch.is_autocast_enabled(x.device.type)
-        and x.dtype == weight.dtype == param.dtype
-    )
+    """Whether a hand-written step (forward and backward) applies: no autocast (it would
+    cast inside the step) and one dtype throughout. Otherwise the plain formula runs."""
+    return not torch.is_autocast_enabled(x.device.type) and x.dtype == weight.dtype == param.dtype
 
 
 # FourierFT's Delta W and its gradient through real-input/real-output transforms. With
