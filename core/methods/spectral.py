@@ -526,12 +526,11 @@ class CoefficientPattern:
     """
 
     def __init__(self, positions: torch.Tensor, rank: int, band: int | None = None):
-        self.positions, self.rank = positions, rank
         self.rows, self.cols = positions
+        self.rank = rank
         self.diagonals = None if band is None else list(band_diagonals(rank, band))
-        count = self.rows.numel()
         self.route = "band" if band is not None else "sparse"
-        if band is None and count > SPARSE_GATHER_LIMIT * rank:
+        if band is None and self.rows.numel() > SPARSE_GATHER_LIMIT * rank:
             self.route = "dense"
 
     def matrix(self, coeffs: torch.Tensor) -> torch.Tensor:
