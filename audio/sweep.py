@@ -32,8 +32,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from core.domain import finished_metrics
+
 from .data import ESC50_FOLDS
-from .metrics import METRICS_FILE, mean_std, read_metrics
+from .metrics import mean_std, read_metrics
 from .train import fit_and_test
 
 FOLD_COLUMNS = ("method", "fold", "test_acc", "params_M", "trainable_without_head")
@@ -61,16 +63,6 @@ def parse_folds(text: str) -> list[int]:
 
 def run_dir(out: Path, config: Path, fold: int) -> Path:
     return out / config.stem / f"fold{fold}"
-
-
-def finished_metrics(folder: Path) -> dict[str, Any] | None:
-    """The newest metrics file under ``folder`` that has a test accuracy, if any."""
-    files = sorted(folder.glob(f"**/{METRICS_FILE}"), key=lambda p: p.stat().st_mtime)
-    for path in reversed(files):
-        record = read_metrics(path.parent)
-        if record.get("test_acc") is not None:
-            return record
-    return None
 
 
 def run_one(config: Path, fold: int, root: Path, out: Path, extra: Sequence[str]) -> dict:

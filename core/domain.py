@@ -258,6 +258,17 @@ def read_metrics(folder: str | Path) -> dict[str, Any]:
     return json.loads((Path(folder) / METRICS_FILE).read_text())
 
 
+def finished_metrics(folder: Path) -> dict[str, Any] | None:
+    """The newest metrics file under ``folder`` that has a test accuracy, if any: what a
+    sweep reuses instead of training that run again."""
+    files = sorted(folder.glob(f"**/{METRICS_FILE}"), key=lambda p: p.stat().st_mtime)
+    for path in reversed(files):
+        record = read_metrics(path.parent)
+        if record.get("test_acc") is not None:
+            return record
+    return None
+
+
 # --- tuning modes of a classifier ----------------------------------------------------------
 
 TUNINGS = ("peft", "full", "linear")

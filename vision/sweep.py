@@ -24,8 +24,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from core.domain import finished_metrics
+
 from .data import GROUPS, iter_tasks
-from .metrics import METRICS_FILE, read_metrics, vtab_summary
+from .metrics import read_metrics, vtab_summary
 from .train import fit_and_test
 
 SUMMARY_COLUMNS = (*GROUPS, "mean", "mean_of_groups")
@@ -33,16 +35,6 @@ SUMMARY_COLUMNS = (*GROUPS, "mean", "mean_of_groups")
 
 def run_dir(out: Path, config: Path, task: str) -> Path:
     return out / config.stem / task
-
-
-def finished_metrics(folder: Path) -> dict[str, Any] | None:
-    """The newest metrics file under ``folder`` that has a test accuracy, if any."""
-    files = sorted(folder.glob(f"**/{METRICS_FILE}"), key=lambda p: p.stat().st_mtime)
-    for path in reversed(files):
-        record = read_metrics(path.parent)
-        if record.get("test_acc") is not None:
-            return record
-    return None
 
 
 def run_one(config: Path, task: str, root: Path, out: Path, extra: Sequence[str]) -> dict:
