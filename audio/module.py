@@ -17,10 +17,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from core.domain import TUNINGS, ExactAccuracy, with_head
+from core.domain import TUNINGS, ExactAccuracy, head_parameter_counts, with_head
 from core.errors import ConfigError
 from core.lightning import MethodArg, PeftModule
-from core.report import param_report
 
 from . import methods as _methods  # noqa: F401  (registers the conformer adapter)
 from .backbones import build_ast
@@ -151,14 +150,7 @@ class AudioClassifier(PeftModule):
 
     def parameter_counts(self) -> dict[str, int]:
         """Trainable / total parameters and the trainable count without the head."""
-        report = param_report(self.model)
-        head = sum(p.numel() for p in self.model.head.parameters() if p.requires_grad)
-        return {
-            "trainable": report.trainable,
-            "total": report.total,
-            "head": head,
-            "trainable_without_head": report.trainable - head,
-        }
+        return head_parameter_counts(self.model, self.model.head)
 
     def on_fit_start(self) -> None:
         super().on_fit_start()

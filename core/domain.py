@@ -32,6 +32,7 @@ from torchmetrics.utilities import dim_zero_cat
 from .checkpoint import atomic_write
 from .config import AdapterConfig
 from .errors import ConfigError
+from .report import param_report
 
 # --- trainer defaults ----------------------------------------------------------------------
 
@@ -267,6 +268,19 @@ def finished_metrics(folder: Path) -> dict[str, Any] | None:
         if record.get("test_acc") is not None:
             return record
     return None
+
+
+def head_parameter_counts(model: torch.nn.Module, head: torch.nn.Module) -> dict[str, int]:
+    """Trainable and total parameters of ``model``; ``trainable_without_head`` is what PEFT
+    tables report (a new classifier ``head`` excluded)."""
+    report = param_report(model)
+    head_trainable = sum(p.numel() for p in head.parameters() if p.requires_grad)
+    return {
+        "trainable": report.trainable,
+        "total": report.total,
+        "head": head_trainable,
+        "trainable_without_head": report.trainable - head_trainable,
+    }
 
 
 # --- tuning modes of a classifier ----------------------------------------------------------

@@ -21,10 +21,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from core.domain import TUNINGS, ExactAccuracy, check_tuning, with_head
+from core.domain import TUNINGS, ExactAccuracy, check_tuning, head_parameter_counts, with_head
 from core.errors import ConfigError
 from core.lightning import MethodArg, PeftModule
-from core.report import param_report
 
 from .backbones import DEFAULT_BACKBONE, BackboneError, build_backbone, split_qkv
 
@@ -146,15 +145,7 @@ class VisionClassifier(PeftModule):
     def parameter_counts(self) -> dict[str, int]:
         """Trainable and total parameters; ``trainable_without_head`` is what the VTAB-1k
         tables report (the new classifier head excluded)."""
-        report = param_report(self.model)
-        head = self.model.get_submodule(self.head_name)
-        head_trainable = sum(p.numel() for p in head.parameters() if p.requires_grad)
-        return {
-            "trainable": report.trainable,
-            "total": report.total,
-            "head": head_trainable,
-            "trainable_without_head": report.trainable - head_trainable,
-        }
+        return head_parameter_counts(self.model, self.model.get_submodule(self.head_name))
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
