@@ -22,8 +22,8 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(PY) -m vision.demo
 
-# One demo per domain, each end to end on data the project generates. Until a domain's
-# pipeline lands, its demo is the core demo on that domain's backbone family.
+# One demo per domain, each end to end on data the project generates; demo-core shows the
+# core API alone (inject, report, save/load, merge) on a small ViT.
 demo-vision: setup
 	$(PY) -m vision.demo
 demo-core: setup
