@@ -240,7 +240,15 @@ class L4QAdapter(Adapter):
             raise TypeError("L4Q wraps linear layers called with one input tensor.")
         weight = _oriented(base)
         params = (self.A, self.B, self.step, self.offset)
-        return _QuantizedLoRALinear.apply(x, weight, base.bias, *params, self.scale, self.qmax)
+        device = x.device.type
+        if not torch.is_autocast_enabled(device):
+            return _QuantizedLoRALinear.apply(x, weight, base.bias, *params, self.scale, self.qmax)
+        # Autocast would cast only inside the forward (its GEMM), leaving the backward to mix
+        # a low-precision dy with a float32 x; cast x as autocast casts a linear's input.
+        if x.dtype == torch.float32:
+            x = x.to(torch.get_autocast_dtype(device))
+        with torch.autocast(device, enabled=False):
+            return _QuantizedLoRALinear.apply(x, weight, base.bias, *params, self.scale, self.qmax)
 
     def merge(self, base: nn.Module) -> None:
         """Quantise: the base weight becomes W_hat (W0 kept aside to unmerge)."""

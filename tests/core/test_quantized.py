@@ -7,6 +7,7 @@ import pytest
 import safetensors.torch
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import core
 from conftest import make_llama
@@ -254,3 +255,28 @@ def test_entries_exactly_at_a_bound_take_the_clamped_branch():
     g = grad.T @ x.detach()  # dL/dW_hat; beta collects it exactly at the bounds
     expected_offset = (g * at_bound).unflatten(1, (2, 5)).sum(-1)
     torch.testing.assert_close(ours["offset"], expected_offset, atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_autocast_runs_the_fast_layer_in_bfloat16_forward_and_backward():
+    """Under autocast the layer's GEMMs take bfloat16 x and W_hat (as autocast casts a linear);
+    the backward then gets one dtype too (it used to mix a bfloat16 dy with a float32 x) and
+    its gradients stay close to the float32 step's."""
+    model = l4q_model()
+    randomise(model, std=0.2)
+    layer, adapter = model[0], model[0].adapters["default"]
+    x = torch.randn(4, 16, requires_grad=True)
+    grad = torch.randn(4, 12)
+    params = [x, *adapter.parameters()]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast = layer(x)
+    assert cast.dtype == torch.bfloat16
+    w_hat = adapter.quantized_weight(layer.base_layer).detach()
+    bias = layer.base_layer.bias.detach()
+    want = F.linear(x.detach().bfloat16(), w_hat.bfloat16(), bias.bfloat16())
+    torch.testing.assert_close(cast, want)
+    cast_grads = torch.autograd.grad(cast.float(), params, grad)
+    full_grads = torch.autograd.grad(layer(x), params, grad)
+    assert cast_grads[0].dtype == torch.float32  # d(x) back in x's dtype
+    for got, exact in zip(cast_grads, full_grads, strict=True):
+        assert exact.abs().sum() > 0
+        assert (got - exact).norm() < 0.03 * exact.norm()  # bfloat16 rounding only
