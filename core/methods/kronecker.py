@@ -707,13 +707,14 @@ def skew_circulant_matrix(h: torch.Tensor) -> torch.Tensor:
 
 
 def circulant_apply(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """C(c) x over the last axis (length n) by the FFT: the circular convolution c * x."""
-    n = x.shape[-1]
+    """C(c) x over the last axis by the FFT, x zero-padded to c's length n: the circular
+    convolution c * x."""
+    n = c.shape[-1]
     return torch.fft.irfft(torch.fft.rfft(c, n=n) * torch.fft.rfft(x, n=n), n=n)
 
 
 class CirculantLinear(torch.autograd.Function):
-    """``scale * (C(c) pad(x))[..., :d_out]`` by FFTs, saving only x and c.
+    """``(C(c) pad(x))[..., :d_out]`` by FFTs (``circulant_apply``), saving only x and c.
 
     Autograd through rfft/irfft would keep the complex spectra of x and of the product (about
     three copies of x in size, padded to n); here the backward recomputes rfft(x) and uses
@@ -723,18 +724,15 @@ class CirculantLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, c: torch.Tensor, d_out: int, scale: float):
-        n = c.shape[-1]
+    def forward(ctx, x: torch.Tensor, c: torch.Tensor, d_out: int):
         ctx.save_for_backward(x, c)
-        ctx.scale = scale
-        spectrum = torch.fft.rfft(c, n=n) * torch.fft.rfft(x, n=n)
-        return torch.fft.irfft(spectrum, n=n)[..., :d_out] * scale
+        return circulant_apply(c, x)[..., :d_out]
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, c = ctx.saved_tensors
         n, d_in = c.shape[-1], x.shape[-1]
-        grad_f = torch.fft.rfft(grad * ctx.scale, n=n)  # g zero-padded to n
+        grad_f = torch.fft.rfft(grad, n=n)  # g zero-padded to n
         grad_x = grad_c = None
         if ctx.needs_input_grad[0]:
             grad_x = torch.fft.irfft(torch.fft.rfft(c, n=n).conj() * grad_f, n=n)[..., :d_in]
@@ -742,7 +740,7 @@ class CirculantLinear(torch.autograd.Function):
             x_f = torch.fft.rfft(x, n=n).reshape(-1, n // 2 + 1)
             cross = (grad_f.reshape(-1, n // 2 + 1) * x_f.conj()).sum(0)
             grad_c = torch.fft.irfft(cross, n=n)
-        return grad_x, grad_c, None, None
+        return grad_x, grad_c, None
 
 
 def skew_phase(n: int, like: torch.Tensor) -> torch.Tensor:
@@ -794,7 +792,7 @@ class SURMAdapter(Adapter):
             )
             return full[..., self.in_features - 1 : self.in_features - 1 + self.out_features]
         if self.structure == "circulant":
-            return CirculantLinear.apply(x, self.c, self.out_features, 1.0)
+            return CirculantLinear.apply(x, self.c, self.out_features)
         xp = F.pad(x, (0, self.n - self.in_features))
         phase = skew_phase(self.n, xp)
         dx = torch.fft.fft(xp.to(phase.dtype) * phase)  # skew-circ(h_k) x = D^-1 circ(D h_k) D x
