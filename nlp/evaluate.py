@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--predictions", required=True)
     p.add_argument(
         "--stopwords",
-        help="stop-word file, e.g. the CodeReviewer evaluator's stopwords.txt (default: scikit-learn's English list)",
+        help="stop-word file, one word per line, e.g. the CodeReviewer evaluator's "
+        "stopwords.txt (default: scikit-learn's English list)",
     )
     p.add_argument("--metrics", nargs="+", default=[], help=f"extra metrics: {list(EXTRA_METRICS)}")
     p.add_argument("--lang", default="python", help="language of the code (CodeBLEU)")

@@ -240,8 +240,8 @@ def review_scores(
     """The paper's table row for ``task`` (necessity: references are "yes"/"no" or 0/1).
 
     Comment generation reports BLEU-4 with stop words kept and removed (``stopwords``,
-    default the benchmark's list); refinement BLEU-4 with them kept and exact match;
-    ``extra`` adds optional metrics ("codebleu", in ``lang``)."""
+    default scikit-learn's English list: ``load_stopwords``); refinement BLEU-4 with them
+    kept and exact match; ``extra`` adds optional metrics ("codebleu", in ``lang``)."""
     check_metrics(extra)
     if task == "necessity":
         labels = [r if isinstance(r, int) else parse_yes_no(str(r)) for r in references]
