@@ -40,7 +40,6 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "nlp"
 SIZES = (480, 32, 96)  # hunks per split; comment generation uses the defective half
 CONTEXT = 2  # unchanged lines around each edit
 VOCAB = 1024
-MAX_NEW_TOKENS = 24  # the longest reference comment is 18 BPE tokens
 
 
 class Clock:
@@ -114,6 +113,8 @@ def fit(out: Path, root: Path, tokenizer: Path, overrides: list[str]) -> ReviewC
 
 
 def decode_test(cli: ReviewCLI, root: Path, out: Path) -> Path:
+    """Greedy decoding of the test split with the exported adapter, as validation would
+    (``model.max_new_tokens``: 24 in demo.yaml, the longest reference is 18 BPE tokens)."""
     hp = cli.model.hparams
     return generate.main(
         [
@@ -125,8 +126,8 @@ def decode_test(cli: ReviewCLI, root: Path, out: Path) -> Path:
             "--task", "comment",
             "--input", str(root / "Comment_Generation" / "msg-test.jsonl"),
             "--output", str(out / "predictions.jsonl"),
-            "--max-length", str(cli.datamodule.hparams.max_length + MAX_NEW_TOKENS),
-            "--max-new-tokens", str(MAX_NEW_TOKENS),
+            "--max-length", str(cli.datamodule.hparams.max_length + hp.max_new_tokens),
+            "--max-new-tokens", str(hp.max_new_tokens),
             "--batch-size", "48",
         ]
     )  # fmt: skip
@@ -146,11 +147,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     clock.lap("fit")
     predictions = decode_test(cli, root, out)
     clock.lap("decode test")
-    evaluate.main(["--task", "comment", "--predictions", str(predictions)])
+    lora = evaluate.main(["--task", "comment", "--predictions", str(predictions)])
     rows = [json.loads(line) for line in Path(predictions).read_text().splitlines()]
-    table = {
-        "LoRA tiny LLaMA": scores([r["prediction"] for r in rows], [r["reference"] for r in rows])
-    }
+    lora["exact"] = exact_match([r["prediction"] for r in rows], [r["reference"] for r in rows])
+    table = {"LoRA tiny LLaMA": lora}
     table.update(baselines(root))
     print_table(table)
     print(f"example: {rows[0]['prediction']!r}\n  reference: {rows[0]['reference']!r}")
