@@ -483,18 +483,45 @@ def lokr_formula(model, adapter, keep_rows=None):
     ],
 )
 @pytest.mark.parametrize("bias", [True, False])
-def test_lokr_training_step_equals_the_kronecker_formula(shape, options, structured, bias):
+def test_lokr_training_step_equals_the_kronecker_formula(
+    shape, options, structured, bias, monkeypatch
+):
     model, adapter = adapted_linear(LoKr(alpha=3.0, targets=["0"], **options), *shape, bias)
     assert adapter.structured == structured and adapter.replaces_base
     assert kron_apply_pays(*factorization(shape[1]), *factorization(shape[0])) == structured
+    calls = count_kron_calls(monkeypatch)
     assert_matches_formula(model, adapter, lokr_formula(model, adapter))
+    assert len(calls) == structured  # the Kronecker product applied to x where it pays
 
 
-def test_lokr_rank_dropout_takes_the_dense_form_with_the_same_draws():
+def count_kron_calls(monkeypatch) -> list[int]:
+    calls = []
+    real = KronLinearFunction.apply
+    monkeypatch.setattr(KronLinearFunction, "apply", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+def test_lokr_rank_dropout_takes_the_dense_form_with_the_same_draws(monkeypatch):
     cfg = LoKr(r=8, rank_dropout=0.3, module_dropout=0.01, targets=["0"])
     model, adapter = adapted_linear(cfg, 104, 99)
+    calls = count_kron_calls(monkeypatch)
     keep = rank_keep(0.3, normalise=False)  # LoKr rescales only with rank_dropout_scale
     assert_matches_formula(model, adapter, lokr_formula(model, adapter, keep), draws=DRAWS)
+    assert not calls  # row masks are not a Kronecker product
+
+
+def test_lokr_under_autocast_takes_the_dense_form_in_bfloat16(monkeypatch):
+    """KronLinearFunction runs in one dtype; under autocast W + Delta W goes through
+    F.linear, which autocast casts, and stays close to the float32 step."""
+    model, adapter = adapted_linear(LoKr(r=8, targets=["0"]), 104, 99)
+    calls = count_kron_calls(monkeypatch)
+    x = torch.randn(6, 104)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast = model(x)
+    assert cast.dtype == torch.bfloat16 and not calls
+    full = model(x)
+    assert len(calls) == 1
+    torch.testing.assert_close(cast.float(), full, atol=0.05, rtol=0.02)
 
 
 def test_kron_linear_function_gives_every_gradient_of_the_formula():
