@@ -39,7 +39,10 @@ class PlainUnpickler(pickle.Unpickler):
         )
 
     def persistent_load(self, pid: Any) -> Any:
-        raise DatasetError("the pickle refers to a persistent object; it was refused.")
+        raise DatasetError(
+            "the pickle refers to a persistent object, which a PathVQA question file never "
+            "holds, so it was refused. Replace the file with the original from PathVQA."
+        )
 
 
 def read_plain_pickle(path: str | Path) -> Any:

@@ -62,6 +62,13 @@ def test_builtins_and_container_classes_are_refused_too(tmp_path):
             read_plain_pickle(path)
 
 
+def test_a_persistent_reference_is_refused(tmp_path):
+    path = tmp_path / "train_qa.pkl"
+    path.write_bytes(b"Pobject-1\n.")  # PERSID (protocol 0), STOP
+    with pytest.raises(DatasetError, match=r"train_qa\.pkl: the pickle refers to a persistent"):
+        read_plain_pickle(path)
+
+
 def test_a_tampered_question_file_stops_the_pathvqa_loader(tmp_path):
     root = write_pathvqa(tmp_path, images=1)
     target = root / "pvqa" / "qas" / "val" / "val_qa.pkl"
