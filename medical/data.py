@@ -317,7 +317,7 @@ def label_fraction(records: Sequence[Record], fraction: float, seed: int) -> lis
 # --- images ------------------------------------------------------------------------------
 
 
-def image_reader(path: Path):
+def image_loader(path: Path):
     """MONAI's image loader for ``path``: PydicomReader for DICOM, else PILReader (rows
     first)."""
     if path.suffix.lower() in (".dcm", ".dicom"):
@@ -327,12 +327,12 @@ def image_reader(path: Path):
             raise DatasetError(
                 f"{path.name} is DICOM, which needs pydicom: pip install pydicom."
             ) from None
-        return _load_image("dicom")
-    return _load_image("pil")
+        return _loader_for("dicom")
+    return _loader_for("pil")
 
 
 @functools.cache
-def _load_image(kind: str):
+def _loader_for(kind: str):
     """One ``LoadImage`` per reader kind: building it registers every MONAI reader (and logs
     about optional decoders), which cost more than decoding a small PNG when done per image."""
     from monai import transforms as T
@@ -378,7 +378,7 @@ def read_image(record: Record, image_size: int, augment: bool = False) -> torch.
     """The image of ``record`` as a normalised (3, S, S) tensor, or an error naming it."""
     if not record.path.is_file():
         raise DatasetError(f"{record.source}: image file {record.path} does not exist.")
-    load = image_reader(record.path)
+    load = image_loader(record.path)
     try:
         image = load(str(record.path))
     except Exception as err:

@@ -140,7 +140,10 @@ def write_dicom(path: str | Path, pixels: np.ndarray) -> Path:
 
     path = Path(path)
     if pixels.ndim != 2 or pixels.dtype not in (np.uint8, np.uint16):
-        raise ValueError(f"write_dicom takes a 2-D uint8/uint16 array, got {pixels.dtype}.")
+        raise ValueError(
+            f"write_dicom takes a 2-D uint8 or uint16 array (rows, columns), got shape "
+            f"{pixels.shape} of {pixels.dtype}; convert with .astype(np.uint8) or index one frame."
+        )
     meta = FileMetaDataset()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage

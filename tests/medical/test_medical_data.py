@@ -217,6 +217,14 @@ def test_dicom_input_is_read_rows_first(tmp_path):
     assert gray[:3, :8].min() > 0.4 and gray[:3, :8].max() < 0.6
 
 
+def test_write_dicom_refuses_arrays_it_cannot_store(tmp_path):
+    with pytest.raises(ValueError, match=r"got shape \(2, 4, 4\) of uint8"):
+        write_dicom(tmp_path / "x.dcm", np.zeros((2, 4, 4), np.uint8))
+    with pytest.raises(ValueError, match=r"got shape \(4, 4\) of float32"):
+        write_dicom(tmp_path / "x.dcm", np.zeros((4, 4), np.float32))
+    assert not (tmp_path / "x.dcm").exists()
+
+
 def test_dicom_and_png_folders_give_the_same_batches(tmp_path):
     """The same generated CheXpert pixels stored as DICOM and as PNG load identically
     through the data module (MONAI's PydicomReader vs PILReader)."""
