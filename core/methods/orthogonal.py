@@ -343,6 +343,11 @@ class RowTransformAdapter(Adapter):
         docstring); subclasses with grid ops decide per call."""
         return torch.is_grad_enabled() and self.out_scale is None
 
+    def fewer_token_rows(self, x: torch.Tensor) -> bool:
+        """Whether x has fewer token rows than the weight has rows: without gradients the
+        transform then costs less on the activations than on the weight."""
+        return x.numel() // self.d < self.out
+
     def run_on_inputs(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor | None:
         dtype = next(self.parameters()).dtype
         weight = weight_rows(base)
@@ -712,11 +717,11 @@ class BOFTAdapter(RowTransformAdapter):
         PEFT's. Without gradients: whichever side has fewer rows to transform."""
         if self.grid_block is None:
             return False
-        tokens = x.numel() // self.d
         if not torch.is_grad_enabled():
-            return tokens < self.out
+            return self.fewer_token_rows(x)
         if not self.scale.requires_grad:
             return True
+        tokens = x.numel() // self.d
         return tokens * self.out <= 2 * self.out * self.d + 2 * self.d**2
 
 
@@ -809,7 +814,7 @@ class QGOFTAdapter(RowTransformAdapter):
     def on_inputs(self, x: torch.Tensor) -> bool:
         """Training: always the activation side (no d(W') GEMM). Without gradients:
         whichever side has fewer rows to transform."""
-        return torch.is_grad_enabled() or x.numel() // self.d < self.out
+        return torch.is_grad_enabled() or self.fewer_token_rows(x)
 
     def angle_tables(self, grid: GivensGrid) -> torch.Tensor:
         """Every block entry of every stage, flat: [cos t, -sin(t + p), sin t, cos(t + p)]

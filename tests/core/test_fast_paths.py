@@ -375,8 +375,16 @@ def test_grid_linear_equals_dense_products_with_every_gradient(with_scale, d, ro
         torch.testing.assert_close(got, want)  # no d(x) asked: the other grads unchanged
 
 
+def count_grid_calls(monkeypatch) -> list[int]:
+    """Calls of the activation side's grid path (``grid_linear``) from the adapters."""
+    calls: list[int] = []
+    real = orthogonal.grid_linear
+    monkeypatch.setattr(orthogonal, "grid_linear", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
 @pytest.mark.parametrize("d", [12, 33, 64], ids=["12", "odd", "power_of_two"])
-def test_qgoft_grid_equals_the_givens_stages_forward_and_gradients(d):
+def test_qgoft_grid_equals_the_givens_stages_forward_and_gradients(d, monkeypatch):
     """qGOFT's stages run as a few grid ops on the activations; they equal T = N G_L ... G_1
     applied stage by stage (``rotate_stages``) to the weight, W' = W T^T, for y and for the
     gradients of x, the angles, the relative angles and the norm."""
@@ -392,12 +400,14 @@ def test_qgoft_grid_equals_the_givens_stages_forward_and_gradients(d):
         torch.testing.assert_close(got, exp)
     rows = torch.randn(4, d, dtype=torch.float64)
     torch.testing.assert_close(adapter.rotate(rows), adapter.rotate_stages(rows))
-    with torch.no_grad():  # few tokens: the activation side; many: the weight side
-        for tokens in (3, 40):
+    with torch.no_grad():  # fewer tokens than the 9 outputs: the activation side, else weights
+        for tokens, on_inputs in ((3, True), (40, False)):
             z = torch.randn(tokens, d, dtype=torch.float64)
+            calls = count_grid_calls(monkeypatch)
             torch.testing.assert_close(
                 model(z), F.linear(z, adapter.rotate_stages(lin.weight), lin.bias)
             )
+            assert len(calls) == on_inputs, tokens
 
 
 @pytest.mark.parametrize("method", ["boft", "qgoft"])
@@ -418,7 +428,7 @@ def test_grid_path_takes_strided_inputs_and_runs_under_autocast(method):
     torch.testing.assert_close(low.float(), want, atol=0.05, rtol=0.05)
 
 
-def test_boft_factors_multiply_out_to_one_block_op():
+def test_boft_factors_multiply_out_to_one_block_op(monkeypatch):
     """BOFT's m factors are one block-diagonal op of b 2^(m-1) (widened to 32 where d
     allows); over 256 the factor chain stays."""
     assert orthogonal.boft_grid_block(768, 8, 2) == 32
@@ -432,6 +442,13 @@ def test_boft_factors_multiply_out_to_one_block_op():
     torch.testing.assert_close(adapter.rotate(rows), adapter.rotate_factors(rows))
     [(kind, blocks)] = adapter.grid_ops()
     assert kind == "low" and blocks.shape == (3, 16, 16)
+    with torch.no_grad():  # fewer tokens than the 6 outputs: the activation side, else weights
+        for tokens, on_inputs in ((4, True), (20, False)):
+            z = torch.randn(tokens, 48, dtype=torch.float64)
+            calls = count_grid_calls(monkeypatch)
+            want = F.linear(z, adapter.rotate_factors(lin.weight) * adapter.scale[:, None])
+            torch.testing.assert_close(model(z), want + lin.bias)
+            assert len(calls) == on_inputs, tokens
 
 
 # --- scale and shift --------------------------------------------------------------------------
