@@ -164,7 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="omnipeft medical demo")
     parser.add_argument("--out", default="runs/medical_demo")
     parser.add_argument("--epochs", type=int, default=12)
-    parser.add_argument("--notebook-epochs", type=int, default=3)
+    parser.add_argument(
+        "--notebook-epochs", type=int, default=3, help="epochs of the notebook's DenseNet LoRA"
+    )
     parser.add_argument("--no-notebook", action="store_true", help="skip the notebook")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)

@@ -103,7 +103,6 @@ def test_attention_pooled_open_clip_tower_is_refused():
 
 
 def test_med_vqa_fit_and_generate_on_an_open_clip_tower(clip_folder, tmp_path):
-    torch.set_num_threads(1)
     folder, reference = clip_folder
     llama = write_tiny_llama(tmp_path / "llama", vocabulary_texts())
     cli = VQACLI(
