@@ -1,8 +1,7 @@
 """Audio-only methods of Cappellazzo et al. (2024, "Parameter-Efficient Transfer Learning of
 Audio Spectrogram Transformers"), registered with core's registry on import.
 
-Conformer adapter. The convolutional "conformer" adapter of Cappellazzo et al. (2024, "Parameter-Efficient
-Transfer Learning of Audio Spectrogram Transformers"): a bottleneck whose middle is a
+Conformer adapter: the study's convolutional adapter, a bottleneck whose middle is a
 depthwise convolution over the token sequence, after the Conformer convolution module
 (Gulati et al., 2020):
 
