@@ -425,6 +425,9 @@ def test_mpoe_fast_path_equals_the_plain_mpo_formula_with_gradients(top_k, tenso
     model = core.inject(base, cfg)
     wrapper = model[0]
     adapter = wrapper.adapters["default"]
+    # W_0 (kept in GEMM block order) is the plain contraction of the initial tensors, so the
+    # reference below does not take it from the fast path on trust
+    torch.testing.assert_close(adapter.initial, mpo_contract(adapter.tensors())[0])
     perturb(model, std=0.1)
     adapter.train()
     x = torch.randn(2, 7, 36, requires_grad=True)
