@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from nlp_toy import TINY, single_thread  # noqa: F401
 
 import core
@@ -68,13 +69,25 @@ def test_validation_without_decoding_logs_loss_and_perplexity_only(tmp_path, rel
         raise AssertionError("validation must not decode with decode_in_validation=false")
 
     monkeypatch.setattr(ReviewLM, "generate", no_generate)
-    args = tiny_args(METHODS["lora"], release, tmp_path, "--model.decode_in_validation", "false")
+    args = tiny_args(METHODS["lora"], release, tmp_path, "--model.decode_in_validation", "false",
+                     "--data.eval_batch_size", "1", "--trainer.limit_val_batches", "2")  # fmt: skip
     cli = main(args, run=False)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     logged = cli.trainer.callback_metrics
     assert "val_bleu4" not in logged and "val_loss" in logged
-    # one validation batch: the token-weighted perplexity is exp of that batch's mean loss
-    assert float(logged["val_ppl"]) == pytest.approx(math.exp(float(logged["val_loss"])), rel=1e-5)
+    # perplexity over every response token of the epoch, by hand: summed NLL / token count
+    # of the two validation batches (of different lengths, so not exp of the mean batch loss)
+    model, nll, counts = cli.model.model.eval(), 0.0, []
+    with torch.no_grad():
+        for batch in list(cli.datamodule.val_dataloader())[:2]:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            targets = batch["labels"][:, 1:].flatten()
+            step = logits.logits[:, :-1].flatten(0, 1).float()
+            nll += F.cross_entropy(step, targets, ignore_index=-100, reduction="sum").item()
+            counts.append(int((targets != -100).sum()))
+    assert len(counts) == 2 and counts[0] != counts[1]
+    assert float(logged["val_ppl"]) == pytest.approx(math.exp(nll / sum(counts)), rel=1e-4)
+    assert float(logged["val_ppl"]) != pytest.approx(math.exp(float(logged["val_loss"])), rel=1e-4)
 
 
 def test_missing_codebleu_fails_at_model_construction(monkeypatch):
