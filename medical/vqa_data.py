@@ -145,13 +145,24 @@ def pathvqa_questions(root: Path, split: str) -> list[dict]:
         path = folder / name
         if path.is_file():
             entries = _load_json(path) if path.suffix == ".json" else read_plain_pickle(path)
-            if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
-                raise DatasetError(
-                    f"{path}: expected a list of question dicts (image, question, answer), "
-                    f"got {type(entries).__name__}."
-                )
+            _check_questions(path, entries)
             return entries
     raise DatasetError(f"no {split}_qa.json or {split}_qa.pkl in {folder} (PathVQA layout).")
+
+
+def _check_questions(path: Path, entries: Any) -> None:
+    """PathVQA's question file is a list of dicts (image, question, answer)."""
+    if isinstance(entries, list):
+        bad = next((k for k, e in enumerate(entries) if not isinstance(e, dict)), None)
+        if bad is None:
+            return
+        found = f"entry {bad} is a {type(entries[bad]).__name__}"
+    else:
+        found = f"it holds a {type(entries).__name__}"
+    raise DatasetError(
+        f"{path}: expected a list of question dicts (image, question, answer), but {found}; "
+        "replace it with PathVQA's original question file."
+    )
 
 
 def read_pathvqa(root: Path) -> dict[str, list[QA]]:

@@ -74,6 +74,18 @@ def test_pathvqa_reads_the_question_pickles(tmp_path):
     assert item.answer in ("yes", "no") and item.answer_type == "CLOSED"
 
 
+@pytest.mark.parametrize(
+    ("content", "found"),
+    [({"image": "x"}, "it holds a dict"), ([{"image": "x"}, "oops"], "entry 1 is a str")],
+)
+def test_pathvqa_question_file_of_the_wrong_shape_names_what_it_holds(tmp_path, content, found):
+    root = write_pathvqa(tmp_path, images=1)
+    target = root / "pvqa" / "qas" / "val" / "val_qa.json"  # preferred over the pickle
+    target.write_text(json.dumps(content))
+    with pytest.raises(DatasetError, match=rf"val_qa\.json: expected a list .* but {found}"):
+        read_pathvqa(root)
+
+
 @pytest.fixture(scope="module")
 def stage_runs(tmp_path_factory):
     torch.set_num_threads(1)
