@@ -344,6 +344,37 @@ def test_sparse_delta_linear_equals_the_plain_scatter_formula(per_row, gathered,
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def test_sparse_delta_linear_route_is_skipped_under_autocast_and_for_a_trained_weight(
+    monkeypatch,
+):
+    """SparseDeltaLinear runs one dtype outside autocast on a frozen weight; under autocast,
+    or when the base weight itself trains, the plain scatter formula runs (and trains)."""
+    from core.methods import sparse
+
+    calls = []
+    real = sparse.SparseDeltaLinear.apply
+    monkeypatch.setattr(sparse.SparseDeltaLinear, "apply", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(13, 11).requires_grad_(False)
+    index = torch.randperm(11 * 13)[:9].sort().values
+    adapter = SparseDeltaAdapter(layer, {"weight": 9})
+    adapter.assign("weight", index, torch.randn(9))
+    x = torch.randn(4, 13)
+    full = adapter.run_base(x, layer)
+    assert len(calls) == 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast = adapter.run_base(x, layer)
+    assert cast.dtype == torch.bfloat16 and len(calls) == 1
+    torch.testing.assert_close(cast.float(), full, atol=0.05, rtol=0.02)
+    cast.float().sum().backward()
+    assert adapter.values["weight"].grad.abs().sum() > 0
+    layer.weight.requires_grad_(True)
+    trained = adapter.run_base(x, layer)
+    assert len(calls) == 1
+    trained.sum().backward()
+    assert layer.weight.grad is not None  # the plain formula gives the weight its gradient
+
+
 @pytest.mark.parametrize("structured", [False, True])
 @pytest.mark.parametrize("training", [True, False])
 def test_gated_diff_equals_the_hard_concrete_formula(structured, training, monkeypatch):
