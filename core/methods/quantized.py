@@ -98,9 +98,13 @@ def _oriented(base: nn.Module) -> torch.Tensor:
     return base.weight.T if is_fan_in_fan_out(base) else base.weight
 
 
-def dequantize_groups(q: torch.Tensor, step: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-    """s q + beta per group, back to (out, in); the one formula training and export share."""
-    return (q * step[..., None] + offset[..., None]).flatten(1)
+def dequantize_groups(
+    q: torch.Tensor, step: torch.Tensor, offset: torch.Tensor, *, inplace: bool = False
+) -> torch.Tensor:
+    """s q + beta per group, back to (out, in); the one formula training and export share
+    (``inplace`` overwrites the codes ``q``: the training forward's own buffer)."""
+    scaled = q.mul_(step[..., None]) if inplace else q * step[..., None]
+    return scaled.add_(offset[..., None]).flatten(1)
 
 
 # --- the training layer ------------------------------------------------------------------------
@@ -134,12 +138,12 @@ class _QuantizedLoRALinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, a, b, step, offset, scale: float, qmax: int):
         step32, offset32 = _L4QMath.quantiser(step, offset)
         v = scaled_weight(weight, a, b, step32, offset32, scale)
-        w_hat = codes_of(v, qmax, inplace=True).mul_(step32[..., None]).add_(offset32[..., None])
+        w_hat = dequantize_groups(codes_of(v, qmax, inplace=True), step32, offset32, inplace=True)
         ctx.save_for_backward(x, weight, a, b, step, offset)
         ctx.scale, ctx.qmax = scale, qmax
         ctx.bias_dtype = None if bias is None else bias.dtype
         bias = None if bias is None else bias.to(x.dtype)
-        return F.linear(x, w_hat.flatten(1).to(x.dtype), bias)  # the bias added in the GEMM
+        return F.linear(x, w_hat.to(x.dtype), bias)  # the bias added in the GEMM
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -152,7 +156,7 @@ class _QuantizedLoRALinear(torch.autograd.Function):
         if need_bias:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(ctx.bias_dtype)
         if need_x:  # not wanted under the first adapted layer: skip W_hat and its GEMM
-            w_hat = torch.mul(q, step32[..., None]).add_(offset32[..., None]).flatten(1)
+            w_hat = dequantize_groups(q, step32, offset32)
             grad_x = grad_out @ w_hat.to(grad_out.dtype)
             del w_hat
         if not (need_a or need_b or need_step or need_offset):
