@@ -57,6 +57,21 @@ def use_triton(*tensors: torch.Tensor | None) -> bool:
     return bool(present) and all(t.is_cuda for t in present) and triton_available()
 
 
+def autocast_on(x: torch.Tensor) -> bool:
+    """Whether autocast is on for x's device (never for meta tensors, where
+    ``torch.is_autocast_enabled`` refuses the device type)."""
+    return x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)
+
+
+def hand_written_step_fits(x: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
+    """Whether a method's own autograd step may run on x and ``tensors``: real storage
+    (meta tensors carry shapes only: the plain formula runs there), autocast off (it would
+    cast inside the forward only, leaving the backward's dtypes mixed) and one dtype."""
+    if x.device.type == "meta" or autocast_on(x):
+        return False
+    return len({t.dtype for t in (x, *tensors) if t is not None}) == 1
+
+
 def next_power_of_2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 

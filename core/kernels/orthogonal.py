@@ -31,7 +31,7 @@ import functools
 
 import torch
 
-from .dispatch import use_triton
+from .dispatch import hand_written_step_fits, use_triton
 
 # --- block apply ----------------------------------------------------------------------------
 
@@ -427,13 +427,11 @@ def grid_linear(
 ) -> torch.Tensor:
     """scale * (W (C_n ... C_1 x)) + bias for rows x (M, d); scale and bias may be None.
 
-    One fused autograd function when every tensor shares a dtype and autocast is off (its
-    backward recomputes the ops instead of keeping their outputs), else the plain
-    composition. Both run torch's batched GEMM on any device.
+    One fused autograd function when every tensor shares a dtype, autocast is off and x
+    is not on the meta device (``hand_written_step_fits``; its backward recomputes the ops
+    instead of keeping their outputs), else the plain composition. Both run torch's batched GEMM on any device.
     """
-    tensors = [t for t in (x, weight, bias, scale, *(b for _, b in ops)) if t is not None]
-    uniform = len({t.dtype for t in tensors}) == 1
-    if uniform and not torch.is_autocast_enabled(x.device.type):
+    if hand_written_step_fits(x, weight, bias, scale, *(b for _, b in ops)):
         kinds = tuple(kind for kind, _ in ops)
         return GridLinearFunction.apply(x, weight, bias, scale, kinds, *(b for _, b in ops))
     return grid_linear_plain(x, weight, bias, scale, ops)

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from ..config import AdapterConfig, check_choice, check_float, check_int
 from ..errors import ConfigError
+from ..kernels.dispatch import hand_written_step_fits
 from ..layers import Adapter, conv_forward, is_fan_in_fan_out, weight_dtype
 from ..peft_format import PeftFormat, register_peft_format
 from ..registry import register
@@ -497,10 +498,8 @@ class LoKrAdapter(LycorisAdapter):
         """The Kronecker product applied to x (``kron_linear``) where it pays, else one GEMM
         with W + Delta W. Rank dropout masks single rows of Delta W, which the Kronecker
         form cannot express: such steps take the dense form."""
-        weight = base.weight
-        dense = not self.structured or self.rank_dropping()
-        dense = dense or torch.is_autocast_enabled(x.device.type)
-        if dense or len({x.dtype, weight.dtype, self.opts["dtype"]}) > 1:
+        weight = base.weight  # in the adapter's dtype (``structured`` needs ``replaces_base``)
+        if not self.structured or self.rank_dropping() or not hand_written_step_fits(x, weight):
             return super().run_base(x, base, *args, **kwargs)
         if self.module_dropped():
             return F.linear(x, weight, base.bias)

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from ..config import AdapterConfig, check_choice, check_float, check_int
 from ..errors import MergeError
+from ..kernels.dispatch import autocast_on
 from ..layers import Adapter, is_fan_in_fan_out, weight_dtype
 from ..registry import register
 from ..targeting import adapted_modules
@@ -244,9 +245,9 @@ class L4QAdapter(Adapter):
             raise TypeError("L4Q wraps linear layers called with one input tensor.")
         weight = _oriented(base)
         params = (self.A, self.B, self.step, self.offset)
-        device = x.device.type
-        if not torch.is_autocast_enabled(device):
+        if not autocast_on(x):
             return _QuantizedLoRALinear.apply(x, weight, base.bias, *params, self.scale, self.qmax)
+        device = x.device.type
         # Autocast would cast only inside the forward (its GEMM), leaving the backward to mix
         # a low-precision dy with a float32 x; cast x as autocast casts a linear's input.
         if x.dtype == torch.float32:

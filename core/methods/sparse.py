@@ -66,6 +66,7 @@ from torch.func import functional_call
 
 from ..config import AdapterConfig, check_float, check_int
 from ..errors import ConfigError, MergeError
+from ..kernels.dispatch import hand_written_step_fits
 from ..layers import Adapter, is_fan_in_fan_out
 from ..registry import register
 from ..targeting import adapted_modules
@@ -198,14 +199,14 @@ GATHER_BLOCK = 1 << 21  # elements gathered at once (8 MB in float32)
 
 def sparse_linear_fits(x: Any, base: nn.Module, index: torch.Tensor) -> bool:
     """Whether ``SparseDeltaLinear`` computes this call: a plain nn.Linear whose frozen
-    weight has entries chosen, outside autocast (its dtype casts would go around it)."""
+    weight has entries chosen, x in its dtype, outside autocast (its dtype casts would go
+    around it)."""
     return (
         type(base) is nn.Linear
         and isinstance(x, torch.Tensor)
         and index.numel() > 0
         and not base.weight.requires_grad
-        and x.dtype == base.weight.dtype
-        and not torch.is_autocast_enabled(x.device.type)
+        and hand_written_step_fits(x, base.weight)
     )
 
 

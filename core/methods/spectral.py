@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 from ..config import AdapterConfig, check_choice, check_float, check_int
 from ..errors import CheckpointError, ConfigError
+from ..kernels.dispatch import hand_written_step_fits
 from ..kernels.lora import folds
 from ..layers import Adapter, conv_forward, is_fan_in_fan_out, weight_dtype
 from ..peft_format import PeftFormat, register_peft_format
@@ -246,7 +247,7 @@ class FourierFTAdapter(Adapter):
 
     def run_base(self, x: torch.Tensor, base: nn.Module, *args, **kwargs) -> torch.Tensor:
         weight = weight_matrix(base)
-        if takes_fast_path(x, weight, self.spectrum):
+        if hand_written_step_fits(x, weight, self.spectrum):
             return FourierLinear.apply(
                 x, weight, base.bias, self.spectrum, self.indices, self.scaling
             )
@@ -263,12 +264,6 @@ class FourierFTAdapter(Adapter):
 
     def unmerge(self, base: nn.Module) -> None:
         add_to_weight(base, -self.delta_weight())
-
-
-def takes_fast_path(x: torch.Tensor, weight: torch.Tensor, param: torch.Tensor) -> bool:
-    """Whether a hand-written step (forward and backward) applies: no autocast (it would
-    cast inside the step) and one dtype throughout. Otherwise the plain formula runs."""
-    return not torch.is_autocast_enabled(x.device.type) and x.dtype == weight.dtype == param.dtype
 
 
 # FourierFT's Delta W and its gradient through real-input/real-output transforms. With
@@ -304,6 +299,8 @@ def fourier_delta(
     at ``indices``, computed as ``irfft2`` of F_sym's half spectrum (float32 or wider)."""
     d_out, d_in = shape
     values = spectrum.to(torch.promote_types(spectrum.dtype, torch.float32))
+    if values.is_meta:  # shapes only: the scatter's positions need real indices
+        return values.new_empty(shape)
     at, source = half_spectrum_scatter(indices, d_out, d_in)
     half = values.new_zeros(d_out, d_in // 2 + 1)
     half = half.index_put(at, (values * (scaling / 2))[source], accumulate=True)
@@ -695,7 +692,7 @@ class SingularVectorAdapter(Adapter):
 
     def run_base(self, x: torch.Tensor, base: nn.Module, *args, **kwargs) -> torch.Tensor:
         weight = weight_matrix(base)
-        if args or kwargs or not takes_fast_path(x, weight, self.coeffs):
+        if args or kwargs or not hand_written_step_fits(x, weight, self.coeffs):
             return self.add_update(x, base(x, *args, **kwargs))
         pattern = self.coefficient_pattern()
         rows = x.numel() // x.shape[-1]

@@ -19,6 +19,7 @@ from core.kernels import (
     sgmv_lora_torch,
 )
 from core.kernels import lora as lora_kernels
+from core.kernels.dispatch import autocast_on, hand_written_step_fits
 from core.kernels.orthogonal import grid_linear, grid_linear_plain, skew_from_upper
 from core.methods import orthogonal
 from core.methods.lora import LoRA
@@ -464,3 +465,39 @@ def test_scale_shift_twin_equals_the_formula_and_keeps_the_input_dtype(axis):
     want = (x.float() * scale.reshape(view) + shift.reshape(view)).to(torch.bfloat16)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out, want)
+
+
+# --- hand-written training steps: where they may run ------------------------------------------
+
+
+def test_hand_written_step_fits_only_one_dtype_outside_autocast_and_off_meta():
+    x, w = torch.randn(2, 3), torch.randn(4, 3)
+    assert hand_written_step_fits(x, w, None)
+    assert not hand_written_step_fits(x, w.double())
+    assert not hand_written_step_fits(x.to("meta"), w.to("meta"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not hand_written_step_fits(x, w)
+        assert autocast_on(x) and not autocast_on(x.to("meta"))  # meta: never (no error)
+
+
+META_METHODS = {
+    "fourierft": lambda: core.FourierFT(n_frequency=20, targets=["0"]),
+    "svft": lambda: core.SVFT(targets=["0"]),
+    "lokr": lambda: core.LoKr(r=8, targets=["0"]),
+    "boft": lambda: BOFT(block_size=4, targets=["0"]),
+    "qgoft": lambda: QGOFT(targets=["0"]),
+    "l4q": lambda: core.L4Q(targets=["0"]),
+}
+
+
+@pytest.mark.parametrize("method", META_METHODS)
+def test_methods_with_their_own_training_step_run_a_meta_forward(method):
+    """Meta tensors carry shapes only (model planning, counting): the training forward
+    must give the output's shape there as the plain formula does, not ask autocast about
+    the meta device or index by values."""
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(128, 96))
+    core.inject(model, META_METHODS[method]())
+    model.train()
+    y = model(torch.randn(2, 4, 128, device="meta"))
+    assert y.is_meta and y.shape == (2, 4, 96)
