@@ -145,3 +145,13 @@ def assert_identity_merge_and_checkpoint(tmp_path, cfg):
     core.load_adapter(pristine, tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(pristine(x), adapted, atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture
+def single_thread():
+    """Tiny models run fastest on one intra-op thread: a second thread only hands work back
+    and forth (and takes the other core from whatever else runs)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -5,9 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
 import soundfile
-import torch
 
 TINY_AST = {
     "hidden_size": 32,
@@ -18,14 +16,6 @@ TINY_AST = {
     "frequency_stride": 16,
     "time_stride": 16,
 }
-
-
-@pytest.fixture
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tone(label: int, seconds: float, rate: int, seed: int) -> np.ndarray:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from audio_toy import make_esc50, make_speech_commands, single_thread, tone  # noqa: F401
+from audio_toy import make_esc50, make_speech_commands, tone
 
 from audio.data import AudioDataModule, DatasetError, esc50_folds, load_waveform
 from audio.features import ast_features, normalize

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from audio_toy import TINY_AST, single_thread  # noqa: F401
+from audio_toy import TINY_AST
 
 import core
 from audio.backbones import build_ast

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from audio_toy import TINY_AST, single_thread  # noqa: F401
+from audio_toy import TINY_AST
 
 from audio.module import AudioClassifier
 

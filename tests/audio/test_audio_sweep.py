@@ -9,7 +9,7 @@ import statistics
 from pathlib import Path
 
 import pytest
-from audio_toy import TINY_AST, make_esc50, single_thread  # noqa: F401
+from audio_toy import TINY_AST, make_esc50
 from PIL import Image
 
 from audio import sweep as audio_sweep

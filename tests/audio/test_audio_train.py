@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from audio_toy import TINY_AST, make_esc50, single_thread  # noqa: F401
+from audio_toy import TINY_AST, make_esc50
 
 import core
 from audio.backbones import build_ast, load_ast

@@ -15,12 +15,7 @@ from diffusion.module import DiffusionModule, min_snr_weight
 LORA = {"class_path": "core.LoRA", "init_args": {"r": 2, "targets": ["to_q", "to_v"]}}
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

@@ -26,12 +26,7 @@ ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
 LORA = {"class_path": "core.LoRA", "init_args": {"r": 4, "alpha": 4, "targets": ATTN}}
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

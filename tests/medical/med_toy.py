@@ -2,18 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
-
 TINY_VIT = "{patch_size: 8, embed_dim: 32, depth: 2, num_heads: 4}"
 TINY_DENSENET = "{init_features: 8, growth_rate: 4, block_config: [1, 1, 1, 1]}"
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
-
-
-@pytest.fixture
-def single_thread():
-    """Tiny models run fastest on one intra-op thread (and leave the other core free)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from med_toy import QUIET, TINY_DENSENET, TINY_VIT, single_thread  # noqa: F401
+from med_toy import QUIET, TINY_DENSENET, TINY_VIT
 from PIL import Image
 
 from medical.explain import load_run, write_overlays

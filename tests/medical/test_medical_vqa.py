@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from med_toy import QUIET, single_thread  # noqa: F401
+from med_toy import QUIET
 
 from core.checkpoint import read_checkpoint
 from medical.data import DatasetError

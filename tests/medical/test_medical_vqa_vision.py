@@ -12,7 +12,7 @@ import safetensors.torch
 import timm
 import torch
 import torch.nn as nn
-from med_toy import QUIET, single_thread  # noqa: F401
+from med_toy import QUIET
 
 from core.backbones import BackboneError
 from core.errors import ConfigError

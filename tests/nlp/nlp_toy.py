@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
-
 TINY = {
     "model_type": "llama",
     "hidden_size": 32,
@@ -15,11 +12,3 @@ TINY = {
     "vocab_size": 260,
     "max_position_embeddings": 512,
 }
-
-
-@pytest.fixture
-def single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

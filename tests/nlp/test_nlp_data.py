@@ -1,7 +1,6 @@
 import json
 
 import pytest
-from nlp_toy import single_thread  # noqa: F401
 
 from nlp.data import (
     IGNORE,

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from nlp_toy import TINY, single_thread  # noqa: F401
+from nlp_toy import TINY
 
 import core
 from nlp import evaluate, generate

@@ -12,7 +12,7 @@ import timm
 import torch
 import torch.nn as nn
 import yaml
-from vtab_toy import IMAGE_SIZE, TINY_VIT, single_thread  # noqa: F401
+from vtab_toy import IMAGE_SIZE, TINY_VIT
 
 import core
 from core.methods.lora import LoRA

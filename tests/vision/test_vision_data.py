@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
-from vtab_toy import IMAGE_SIZE, SPLIT_SIZES, make_task, single_thread  # noqa: F401
+from vtab_toy import IMAGE_SIZE, SPLIT_SIZES, make_task
 
 from vision.data import (
     IMAGENET_MEAN,

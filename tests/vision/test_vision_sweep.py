@@ -8,7 +8,7 @@ import json
 import pytest
 import yaml
 from PIL import Image
-from vtab_toy import IMAGE_SIZE, TINY_VIT, make_task, single_thread  # noqa: F401
+from vtab_toy import IMAGE_SIZE, TINY_VIT, make_task
 
 from vision.metrics import read_metrics
 from vision.sweep import finished_metrics, main, run_dir

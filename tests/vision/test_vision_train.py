@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from vtab_toy import IMAGE_SIZE, TINY_VIT, make_task, single_thread  # noqa: F401
+from vtab_toy import IMAGE_SIZE, TINY_VIT, make_task
 
 import core
 from core.checkpoint import read_checkpoint

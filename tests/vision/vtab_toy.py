@@ -5,8 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
-import torch
 from PIL import Image
 
 from vision.data import write_vtab_task
@@ -42,12 +40,3 @@ def make_task(
         for seed, (split, count) in enumerate(sizes.items())
     }
     return write_vtab_task(root / name, splits)
-
-
-@pytest.fixture
-def single_thread():
-    """Tiny models run fastest on one intra-op thread (and leave the other core free)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
