@@ -195,11 +195,18 @@ class DoRAAdapter(LoRAAdapter):
             weight = base.weight
             frozen = None if dropout is None else conv_forward(base, h, weight.to(h.dtype))
         if frozen is None:  # without dropout the base output already holds W0 x (+ bias)
-            frozen = y.to(g.dtype)
-            if base.bias is not None:
-                bias = base.bias.to(g.dtype)
-                frozen = frozen - (bias if self.kind == "linear" else bias.view(g.shape))
+            return self.rescaled_output(y, lora, g, base)
         return y + ((g - 1) * frozen + g * self.scale * lora).to(y.dtype)
+
+    def rescaled_output(self, y, lora, g, base: nn.Module) -> torch.Tensor:
+        """g (W0 x + s B A x) + b from y = W0 x + b as g (y + s lora) + (1 - g) b: two passes
+        over the output (add, then multiply-add), where the correction form takes six."""
+        total = torch.add(y.to(g.dtype), lora, alpha=self.scale)
+        if base.bias is None:
+            return (total * g).to(y.dtype)
+        bias = base.bias.to(g.dtype)
+        bias = bias if self.kind == "linear" else bias.view(g.shape)
+        return torch.addcmul(bias * (1 - g), total, g).to(y.dtype)
 
     def merge(self, base: nn.Module) -> None:
         weight = self.oriented_weight(base).float() + self.delta_weight()

@@ -122,6 +122,34 @@ def test_dora_follows_the_weight_decomposition_equation():
     assert torch.autograd.grad(g.sum(), a, allow_unused=True)[0] is None
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_dora_output_and_gradients_equal_the_formula_with_a_detached_norm(bias):
+    """y = m / sg(||W0 + s B A||_c) (W0 + s B A) x + b: the output and the gradients of
+    m, A, B, the input and a trainable bias."""
+    torch.manual_seed(5)
+    lin = nn.Linear(7, 5, bias=bias)
+    model = nn.Sequential(lin)
+    core.inject(model, DoRA(r=3, alpha=6, targets=["0"]))
+    adapter = model[0].adapters["default"]
+    randomise(model)
+    if bias:
+        lin.bias.requires_grad_(True)
+    x = torch.randn(2, 4, 7, requires_grad=True)
+    upstream = torch.randn(2, 4, 5)
+    trained = [adapter.magnitude, adapter.A, adapter.B] + ([lin.bias] if bias else [])
+    got = model(x)
+    got_grads = torch.autograd.grad((got * upstream).sum(), [x, *trained])
+
+    weight = lin.weight + 2.0 * adapter.B @ adapter.A
+    norm = weight.norm(dim=1, keepdim=True).detach()
+    want = x @ (adapter.magnitude[:, None] * weight / norm).T
+    want = want + lin.bias if bias else want
+    want_grads = torch.autograd.grad((want * upstream).sum(), [x, *trained])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_dora_peft_folder_imports_and_exports_with_identical_outputs(tmp_path, case):
     build, make_x, run = CASES[case]
