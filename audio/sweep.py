@@ -25,14 +25,13 @@ folds); for a dataset without folds pass ``--folds 1``.
 from __future__ import annotations
 
 import argparse
-import csv
 import gc
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from core.domain import finished_metrics
+from core.domain import finished_metrics, plot_accuracy_vs_params, write_sweep_csv
 
 from .data import ESC50_FOLDS
 from .metrics import mean_std, read_metrics
@@ -117,42 +116,6 @@ def summary_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def write_csv(path: Path, header: Sequence[str], rows: Sequence[dict[str, Any]]) -> None:
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(header))
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: _format(k, v) for k, v in row.items()})
-
-
-def _format(column: str, value: Any) -> Any:
-    if not isinstance(value, float):
-        return value
-    return f"{value:.6f}" if column == "params_M" else f"{value:.4f}"  # M to one parameter
-
-
-def plot(path: Path, summary: Sequence[dict[str, Any]]) -> None:
-    """Mean accuracy (std error bars) vs trainable parameters (log scale, linear near 0)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for row in summary:
-        x, y = row["params_M"], row["mean_acc"]
-        ax.errorbar([x], [y], yerr=[row["std_acc"]], fmt="o", capsize=3)
-        ax.annotate(row["method"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=9)
-    ax.set_xscale("symlog", linthresh=0.01)
-    ax.set_xlabel("trainable parameters without the head (M)")
-    ax.set_ylabel("test accuracy (%), mean and std over folds")
-    ax.set_title("AST: accuracy vs trainable parameters")
-    ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
 def sweep(
     configs: Sequence[Path], folds: Sequence[int], root: Path, out: Path, extra: Sequence[str]
 ) -> tuple[Path, Path, Path]:
@@ -165,9 +128,15 @@ def sweep(
     rows = fold_rows(results)
     summary = summary_rows(rows)
     paths = out / CSV_FOLDS, out / CSV_SUMMARY, out / PNG
-    write_csv(paths[0], FOLD_COLUMNS, rows)
-    write_csv(paths[1], SUMMARY_COLUMNS, summary)
-    plot(paths[2], summary)
+    write_sweep_csv(paths[0], FOLD_COLUMNS, rows)
+    write_sweep_csv(paths[1], SUMMARY_COLUMNS, summary)
+    points = [(r["method"], r["params_M"], r["mean_acc"], r["std_acc"]) for r in summary]
+    plot_accuracy_vs_params(
+        paths[2],
+        points,
+        "test accuracy (%), mean and std over folds",
+        "AST: accuracy vs trainable parameters",
+    )
     for row in summary:
         print(
             f"[sweep] {row['method']}: {row['mean_acc']:.2f} +- {row['std_acc']:.2f}% over "

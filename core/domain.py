@@ -14,10 +14,11 @@ module imports Lightning; ``core.methods`` never does.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -281,6 +282,54 @@ def head_parameter_counts(model: torch.nn.Module, head: torch.nn.Module) -> dict
         "head": head_trainable,
         "trainable_without_head": report.trainable - head_trainable,
     }
+
+
+# --- sweep tables and plots ------------------------------------------------------------------
+
+
+def write_sweep_csv(path: Path, header: Sequence[str], rows: Sequence[dict[str, Any]]) -> None:
+    """A sweep's CSV: floats to 4 decimals, ``params_M`` to 6 (millions to one parameter)."""
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(header), restval="")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _sweep_cell(k, v) for k, v in row.items()})
+
+
+def _sweep_cell(column: str, value: Any) -> Any:
+    if not isinstance(value, float):
+        return value
+    return f"{value:.6f}" if column == "params_M" else f"{value:.4f}"
+
+
+def plot_accuracy_vs_params(
+    path: Path,
+    points: Sequence[tuple[str, float, float, float | None]],
+    ylabel: str,
+    title: str,
+) -> None:
+    """One point per method, ``(method, params_M, accuracy, std or None)``, on a log
+    parameter axis that is linear near 0 (BitFit-sized methods stay visible)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for method, x, y, std in points:
+        if std is None:
+            ax.scatter([x], [y], s=40)
+        else:
+            ax.errorbar([x], [y], yerr=[std], fmt="o", capsize=3)
+        ax.annotate(method, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=9)
+    ax.set_xscale("symlog", linthresh=0.01)
+    ax.set_xlabel("trainable parameters without the head (M)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 # --- tuning modes of a classifier ----------------------------------------------------------

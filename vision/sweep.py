@@ -17,14 +17,13 @@ file already holds a test accuracy, so an interrupted sweep resumes. Then it wri
 from __future__ import annotations
 
 import argparse
-import csv
 import gc
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from core.domain import finished_metrics
+from core.domain import finished_metrics, plot_accuracy_vs_params, write_sweep_csv
 
 from .data import GROUPS, iter_tasks
 from .metrics import read_metrics, vtab_summary
@@ -66,47 +65,11 @@ def table(results: dict[str, dict[str, dict]]) -> tuple[list[str], list[dict[str
     return header, rows
 
 
-def write_csv(path: Path, header: list[str], rows: list[dict[str, Any]]) -> None:
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=header, restval="")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: _format(k, v) for k, v in row.items()})
-
-
-def _format(column: str, value: Any) -> Any:
-    if not isinstance(value, float):
-        return value
-    return f"{value:.6f}" if column == "params_M" else f"{value:.4f}"  # M to one parameter
-
-
 def headline(row: dict[str, Any]) -> float:
     """The number a VTAB-1k table ranks by: the mean of group means when all three groups
     are present, else the mean over the tasks run."""
     has_all = all(g in row for g in GROUPS)
     return row["mean_of_groups"] if has_all else row["mean"]
-
-
-def plot(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Accuracy vs trainable parameters (log scale, linear near 0), one point per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for row in rows:
-        x, y = row["params_M"], headline(row)
-        ax.scatter([x], [y], s=40)
-        ax.annotate(row["method"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=9)
-    ax.set_xscale("symlog", linthresh=0.01)
-    ax.set_xlabel("trainable parameters without the head (M)")
-    ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_title("VTAB-1k: accuracy vs trainable parameters")
-    ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
 
 
 def sweep(
@@ -120,8 +83,11 @@ def sweep(
     }
     header, rows = table(results)
     csv_path, png_path = out / "vtab.csv", out / "vtab.png"
-    write_csv(csv_path, header, rows)
-    plot(png_path, rows)
+    write_sweep_csv(csv_path, header, rows)
+    points = [(r["method"], r["params_M"], headline(r), None) for r in rows]
+    plot_accuracy_vs_params(
+        png_path, points, "top-1 accuracy (%)", "VTAB-1k: accuracy vs trainable parameters"
+    )
     for row in rows:
         print(f"[sweep] {row['method']}: {headline(row):.2f}% at {row['params_M']:.4f} M")
     print(f"[sweep] wrote {csv_path} and {png_path}")
