@@ -17,7 +17,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from core.domain import TUNINGS, ExactAccuracy, head_parameter_counts, with_head
+from core.domain import (
+    TUNINGS,
+    ExactAccuracy,
+    ExactAccuracySteps,
+    head_parameter_counts,
+    with_head,
+)
 from core.errors import ConfigError
 from core.lightning import MethodArg, PeftModule
 
@@ -51,7 +57,7 @@ def _check(tuning: str, method: MethodArg | None, num_classes: Any, mixup: float
         raise ConfigError(f"mixup_alpha must be >= 0, got {mixup!r}.")
 
 
-class AudioClassifier(PeftModule):
+class AudioClassifier(ExactAccuracySteps, PeftModule):
     """Audio classification with an AST backbone.
 
     Args:
@@ -129,21 +135,6 @@ class AudioClassifier(PeftModule):
         logits = self(x).float()
         loss = F.cross_entropy(logits, target, label_smoothing=smooth)
         return loss, {"acc": (logits.argmax(-1) == y).float().mean()}
-
-    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        return self._evaluate("val", batch)
-
-    def test_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        return self._evaluate("test", batch)
-
-    def _evaluate(self, stage: str, batch: Any) -> torch.Tensor:
-        x, y, index = batch
-        logits = self(x)
-        loss = F.cross_entropy(logits.float(), y)
-        self.accuracy[stage].update(logits, y, index)
-        self.log(f"{stage}_loss", loss, sync_dist=True)
-        self.log(f"{stage}_acc", self.accuracy[stage], prog_bar=True)
-        return loss
 
     def method_label(self) -> str:
         return self.method.method if self.method is not None else self.hparams.tuning

@@ -161,6 +161,28 @@ class ExactAccuracy(Metric):
         return int(torch.unique(dim_zero_cat(self.index)).numel()) if self.index else 0
 
 
+class ExactAccuracySteps:
+    """Validation and test steps of a classifier on ``(inputs, labels, index)`` batches:
+    cross-entropy logged as ``{stage}_loss``, ``ExactAccuracy`` as ``{stage}_acc`` (computed
+    and synced at epoch end). Mix in before ``PeftModule``; the module sets
+    ``self.accuracy = nn.ModuleDict({"val": ExactAccuracy(), "test": ExactAccuracy()})``."""
+
+    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self.evaluate_stage("val", batch)
+
+    def test_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self.evaluate_stage("test", batch)
+
+    def evaluate_stage(self, stage: str, batch: Any) -> torch.Tensor:
+        inputs, labels, index = batch
+        logits = self(inputs)
+        loss = torch.nn.functional.cross_entropy(logits.float(), labels)
+        self.accuracy[stage].update(logits, labels, index)
+        self.log(f"{stage}_loss", loss, sync_dist=True)
+        self.log(f"{stage}_acc", self.accuracy[stage], prog_bar=True)
+        return loss
+
+
 # --- the metrics file ----------------------------------------------------------------------
 
 METRICS_FILE = "metrics.json"

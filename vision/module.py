@@ -21,7 +21,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from core.domain import TUNINGS, ExactAccuracy, check_tuning, head_parameter_counts, with_head
+from core.domain import (
+    TUNINGS,
+    ExactAccuracy,
+    ExactAccuracySteps,
+    check_tuning,
+    head_parameter_counts,
+    with_head,
+)
 from core.errors import ConfigError
 from core.lightning import MethodArg, PeftModule
 
@@ -30,7 +37,7 @@ from .backbones import DEFAULT_BACKBONE, BackboneError, build_backbone, split_qk
 _check_tuning = check_tuning  # the name medical imported before core.domain
 
 
-class VisionClassifier(PeftModule):
+class VisionClassifier(ExactAccuracySteps, PeftModule):
     """Image classification with a frozen backbone and one tuning method.
 
     Args:
@@ -119,22 +126,6 @@ class VisionClassifier(PeftModule):
         logits = self(images)
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.hparams.label_smoothing)
         return loss, {"acc": (logits.argmax(dim=-1) == labels).float().mean()}
-
-    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        return self._evaluate("val", batch)
-
-    def test_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        return self._evaluate("test", batch)
-
-    def _evaluate(self, stage: str, batch: Any) -> torch.Tensor:
-        images, labels, index = batch
-        logits = self(images)
-        loss = F.cross_entropy(logits.float(), labels)
-        metric = self.accuracy[stage]
-        metric.update(logits, labels, index)
-        self.log(f"{stage}_loss", loss, sync_dist=True)
-        self.log(f"{stage}_acc", metric, prog_bar=True)  # computed and synced at epoch end
-        return loss
 
     # -- reporting ------------------------------------------------------------------------
 
